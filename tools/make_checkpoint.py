@@ -94,7 +94,10 @@ def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.b
         if name.endswith("norm.weight"):
             w = torch.ones(shape, device=device)
         else:
-            std = 1.0 if name == "tok_embeddings.weight" else shape[1] ** -0.5
+            # Small embeddings, as in trained Llama models (std ~0.02). With std 1 the residual stream is
+            # all embedding and a tied output layer just predicts the input token again, forever; with
+            # 0.02 the layers dominate and the greedy output depends on the whole context.
+            std = 0.02 if name == "tok_embeddings.weight" else shape[1] ** -0.5
             w = torch.randn(shape, generator=gen, device=device).mul_(std)
         # Cast on the device, then keep only the final-dtype copy in host memory.
         state_dict[name] = w.to(dtype).cpu()

@@ -1,0 +1,561 @@
+#!/usr/bin/env python3
+"""Llama 3 batch inference with a PAGED KV cache.
+
+    python llama3-paged.py 49      # run the first 49 ShareGPT prompts together
+
+Read this next to llama3-naive.py: the two files share every line except the KV cache. The naive
+script reserves max_seq_len tokens of K and V for every request before it starts. Most requests
+finish far sooner, so most of that memory is never written, yet no other request can use it.
+Here the cache is a pool of small fixed-size blocks. A request takes a block when its tokens fill
+the last one, and gives all of them back the moment it finishes, so the memory in use follows the
+tokens actually held and many more requests fit in the same budget.
+"""
+import argparse
+import base64
+import json
+import math
+import sys
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside
+# Llama-3-8B in bf16 (README, "The KV budget"). It holds 7 naive requests of 8192 tokens, not 8.
+CPU_KV_BUDGET_TOKENS = 61_688
+CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
+
+
+def fail(message):
+    """Bad input, or a run that cannot fit: one line on stderr and exit status 1, never a traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage dump
+        fail(message)
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("n", metavar="N", help="number of prompts to run together")
+    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original")
+    p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")))
+    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + generated tokens, per request")
+    p.add_argument("--kv-budget-tokens", type=int, help="KV cache budget in tokens (default: free GPU memory)")
+    p.add_argument("--ref-lengths", action="store_true",
+                   help="generate exactly as many tokens as each prompt's reference answer")
+    p.add_argument("--block-size", type=int, help="tokens per KV block (256 with flash-attn, else 16)")
+    p.add_argument("--json", metavar="PATH", help="write stats and every request's tokens to PATH")
+    p.add_argument("--quiet", action="store_true", help="don't print the responses")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format.
+
+SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
+SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
+                 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+
+
+def load_tokenizer(path):
+    try:
+        lines = path.read_bytes().splitlines()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except (OSError, ValueError) as e:
+        fail(f"cannot read tokenizer {path}: {e}")
+    special = {SPECIAL_NAMES.get(i, f"<|reserved_special_token_{i}|>"): len(ranks) + i for i in range(256)}
+    return tiktoken.Encoding(path.name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def encode_chat(tokenizer, user_message):
+    """One user turn in Llama 3's chat format, ending with the header that asks the assistant to answer."""
+    special = tokenizer.encode_single_token
+    def header(role):
+        return [special("<|start_header_id|>"), *tokenizer.encode_ordinary(role), special("<|end_header_id|>"),
+                *tokenizer.encode_ordinary("\n\n")]
+    # encode_ordinary: text that looks like a special token stays text, as the user typed it.
+    return [special("<|begin_of_text|>"), *header("user"), *tokenizer.encode_ordinary(user_message.strip()),
+            special("<|eot_id|>"), *header("assistant")]
+
+
+def load_prompts(path, n, tokenizer):
+    """The first user turn of each ShareGPT entry, and the length of its reference answer (first gpt turn)."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        fail(f"cannot read prompts file {path}: {e.strerror}")
+    except ValueError as e:
+        fail(f"prompts file {path} is not valid JSON: {e}")
+    prompts = []
+    for entry in entries if isinstance(entries, list) else []:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        turns = [t for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)] if isinstance(turns, list) else []
+        user = next((i for i, t in enumerate(turns) if t.get("from") == "human" and t["value"].strip()), None)
+        if user is None:
+            continue
+        answer = next((t["value"] for t in turns[user + 1:] if t.get("from") == "gpt"), "")
+        prompts.append((turns[user]["value"], len(tokenizer.encode_ordinary(answer.strip()))))
+        if len(prompts) == n:
+            return prompts
+    if not prompts:
+        fail(f"prompts file {path} has no usable prompt (expected ShareGPT entries with a human turn)")
+    fail(f"asked for {n} requests but {path} has only {len(prompts)} usable prompts")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+def load_model(ckpt_dir, device, dtype):
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        params = json.loads((ckpt_dir / "params.json").read_text())
+        weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError as e:
+        fail(f"checkpoint file {e.filename} not found (see the README to download or make one)")
+    except Exception as e:  # unreadable, truncated or not a checkpoint: torch and json raise many kinds
+        fail(f"cannot load the checkpoint in {ckpt_dir}: {str(e).splitlines()[0]}")
+    missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size", "norm_eps") if k not in params]
+    if missing:
+        fail(f"{ckpt_dir / 'params.json'} lacks {', '.join(missing)}")
+
+    def weight(name):
+        if name not in weights:
+            fail(f"{ckpt_dir / 'consolidated.00.pth'} has no tensor {name}")
+        return weights[name].to(device, dtype)
+
+    layers = [{name: weight(f"layers.{i}.{prefix}{name}.weight") for prefix, names in
+               (("attention.", "wq wk wv wo"), ("feed_forward.", "w1 w2 w3"), ("", "attention_norm ffn_norm"))
+               for name in names.split()} for i in range(params["n_layers"])]
+    embeddings = weight("tok_embeddings.weight")
+    return {
+        "n_heads": params["n_heads"],
+        "n_kv_heads": params.get("n_kv_heads") or params["n_heads"],
+        "head_dim": params["dim"] // params["n_heads"],
+        "norm_eps": params["norm_eps"],
+        "vocab_size": params["vocab_size"],
+        "rope_theta": params.get("rope_theta", 500000.0),
+        "use_scaled_rope": params.get("use_scaled_rope", False),
+        "tok_embeddings": embeddings,
+        "layers": layers,
+        "norm": weight("norm.weight"),
+        # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
+        "output": weight("output.weight") if "output.weight" in weights else embeddings,
+    }
+
+
+def rope_tables(model, max_seq_len, device):
+    """cos and sin of every position's rotation angles: (max_seq_len, head_dim / 2) each."""
+    head_dim = model["head_dim"]
+    freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if model["use_scaled_rope"]:
+        # Llama 3.1+: slow down the low frequencies 8x so 8192-token training stretches to 128K,
+        # keep the high frequencies, and blend smoothly between wavelengths of 2048 and 8192 tokens.
+        factor, low, high, trained_len = 8.0, 1.0, 4.0, 8192
+        wavelen = 2 * math.pi / freqs
+        smooth = ((trained_len / wavelen - low) / (high - low)).clamp(0, 1)
+        freqs = (1 - smooth) * freqs / factor + smooth * freqs
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) by its angle. x: (batch, seqlen, heads, head_dim);
+    cos, sin: (batch, seqlen, head_dim / 2). Meta's checkpoints pair adjacent dimensions."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
+    """Run new tokens through the model, appending their K and V to the cache.
+
+    tokens: (batch, seqlen) new tokens of each request; cache_seqlens: (batch,) int32 tokens already cached.
+    kv_cache: (k, v), each (n_layers, ...) in the layout the attention kernel reads through block_table
+    (paged) or cache_batch_idx (one row per request). Returns the last position's logits: (batch, vocab).
+    """
+    batch, seqlen = tokens.shape
+    positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=tokens.device)  # (batch, seqlen)
+    cos, sin = model["rope_cos"][positions], model["rope_sin"][positions]
+    h = model["tok_embeddings"][tokens]  # (batch, seqlen, dim)
+    for i, layer in enumerate(model["layers"]):
+        x = rms_norm(h, layer["attention_norm"], model["norm_eps"])
+        q = F.linear(x, layer["wq"]).view(batch, seqlen, model["n_heads"], model["head_dim"])
+        k = F.linear(x, layer["wk"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
+        v = F.linear(x, layer["wv"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = model["attention"](q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens,
+                                 block_table=block_table, cache_batch_idx=cache_batch_idx, causal=True)
+        h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
+        x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
+        h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
+    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"]).float()
+
+
+def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass.
+
+    q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into
+    the cache at positions cache_seqlens[b] + 0..seqlen-1. k_cache, v_cache: (num_blocks, block_size,
+    n_kv_heads, head_dim) read through block_table (batch, blocks_per_seq), or (cache_batch,
+    max_seq_len, n_kv_heads, head_dim) read at rows cache_batch_idx. Returns (batch, seqlen, n_heads, head_dim).
+    """
+    batch, seqlen = q.shape[:2]
+    positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
+    if block_table is not None:
+        block_size = k_cache.shape[1]
+        blocks = block_table.long().gather(1, positions // block_size)  # physical block of each new token
+        k_cache[blocks, positions % block_size], v_cache[blocks, positions % block_size] = k, v
+        keys = k_cache[block_table.long()].flatten(1, 2)  # (batch, blocks_per_seq * block_size, n_kv_heads, head_dim)
+        values = v_cache[block_table.long()].flatten(1, 2)
+    else:
+        rows = torch.arange(batch, device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
+        k_cache[rows[:, None], positions], v_cache[rows[:, None], positions] = k, v
+        keys, values = k_cache[rows], v_cache[rows]  # (batch, max_seq_len, n_kv_heads, head_dim)
+    # Query i of a row sees the keys up to its own position: flash-attn's causal mask, aligned to the
+    # bottom right. Keys past the row's length (unwritten cache) are never visible.
+    key_positions = torch.arange(keys.shape[1], device=q.device)
+    last_visible = positions if causal else positions[:, -1:].expand(-1, seqlen)
+    mask = key_positions[None, None, :] <= last_visible[:, :, None]  # (batch, seqlen, keys)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask[:, None], enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def pick_attention(device):
+    if device.type == "cuda" and flash_attn_with_kvcache is not None:
+        return flash_attn_with_kvcache, "flash-attn"
+    return attention_torch, "pytorch"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and the KV budget.
+
+@dataclass
+class Request:
+    id: int                   # position in the prompt list
+    prompt_ids: list
+    ref_length: int | None    # --ref-lengths: generate exactly this many tokens
+    tokens: list = field(default_factory=list)  # prompt + generated so far
+    cache_row: int = -1       # which row of the cache (or of the block table) belongs to this request
+    done: bool = False
+
+    @property
+    def generated_ids(self):
+        return self.tokens[len(self.prompt_ids):]
+
+
+def append_token(req, token, stop_ids, max_seq_len):
+    req.tokens.append(token)
+    if req.ref_length is not None:
+        req.done = len(req.generated_ids) >= req.ref_length
+    else:
+        req.done = token in stop_ids
+    req.done = req.done or len(req.tokens) >= max_seq_len
+
+
+def kv_bytes_per_token(model, dtype):
+    """K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16."""
+    return 2 * len(model["layers"]) * model["n_kv_heads"] * model["head_dim"] * dtype.itemsize
+
+
+def kv_budget_tokens(args, model, device, dtype):
+    if args.kv_budget_tokens is not None:
+        return args.kv_budget_tokens
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return max(0, free_bytes - CUDA_HEADROOM_BYTES) // kv_bytes_per_token(model, dtype)
+    return CPU_KV_BUDGET_TOKENS
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged KV cache.
+
+class KVCacheManager:
+    """Hands out fixed-size blocks of one KV pool as requests grow, and takes them back when they end.
+
+    One manager serves all layers: block b holds block_size tokens of K and V in every layer, so a
+    request's block table is the same in layer 0 and layer 31. Row r of block_table lists, in order,
+    the blocks of the request that holds row r: its token t lives in block block_table[r, t // block_size]
+    at offset t % block_size. flash-attn reads that table directly.
+    """
+
+    def __init__(self, num_blocks, block_size, max_blocks_per_seq, device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_blocks = deque(range(num_blocks))  # O(1) to take from and give back to
+        self.free_rows = deque(range(num_blocks))    # each request holds >= 1 block, so rows never run out
+        self.block_table = torch.zeros(num_blocks, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.blocks = {}        # request id -> its blocks, in order
+        self.rows = {}          # request id -> its block-table row
+        self.pending = {}       # (row, column) -> block: writes not yet copied to the device table
+        # Every running request grows by one token per decode step, so we know when each one will fill
+        # its last block: at that step and no other do we need to look at it. No per-step scan.
+        self.step = 0
+        self.due = defaultdict(list)  # decode step -> requests that need a new block before it
+        self.due_step = {}            # request id -> the step it is due at
+
+    def blocks_for(self, num_tokens):
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens):
+        return self.blocks_for(num_tokens) <= len(self.free_blocks)
+
+    def allocate(self, req_id, num_tokens):
+        """Room for num_tokens tokens, all written by the end of the coming decode step. Returns the row."""
+        blocks = [self.free_blocks.popleft() for _ in range(self.blocks_for(num_tokens))]
+        row = self.free_rows.popleft()
+        self.blocks[req_id], self.rows[req_id] = blocks, row
+        self.pending.update(((row, j), b) for j, b in enumerate(blocks))
+        self._schedule(req_id, self.step + len(blocks) * self.block_size - num_tokens + 1)
+        return row
+
+    def blocks_due(self):
+        """Requests whose token in the coming decode step starts a new block."""
+        due = self.due.pop(self.step, [])
+        for req_id in due:
+            del self.due_step[req_id]
+        return due
+
+    def append_block(self, req_id):
+        block, blocks = self.free_blocks.popleft(), self.blocks[req_id]
+        self.pending[self.rows[req_id], len(blocks)] = block
+        blocks.append(block)
+        self._schedule(req_id, self.step + self.block_size)
+
+    def free(self, req_id):
+        """All of a finished (or preempted) request's blocks go back at once."""
+        self.free_blocks.extend(self.blocks.pop(req_id))
+        self.free_rows.append(self.rows.pop(req_id))
+        if req_id in self.due_step:
+            self.due[self.due_step.pop(req_id)].remove(req_id)
+
+    def batch_block_table(self, rows, width):
+        """The block tables of the running requests, in batch order: (batch, width) int32 on the device."""
+        if self.pending:  # one write per step, however many blocks were handed out
+            rows_cols = torch.tensor(list(self.pending), device=self.block_table.device)
+            blocks = torch.tensor(list(self.pending.values()), dtype=torch.int32, device=self.block_table.device)
+            self.block_table[rows_cols[:, 0], rows_cols[:, 1]] = blocks
+            self.pending.clear()
+        return self.block_table[rows, :width]
+
+    def end_step(self):
+        self.step += 1
+
+    def _schedule(self, req_id, step):
+        self.due[step].append(req_id)
+        self.due_step[req_id] = step
+
+
+def make_kv_cache(model, budget_tokens, args, device, dtype):
+    """The pool: K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim)."""
+    if args.block_size is None:
+        args.block_size = 256 if model["kernel_name"] == "flash-attn" else 16
+    if args.block_size <= 0:
+        fail(f"--block-size must be positive, got {args.block_size}")
+    if model["kernel_name"] == "flash-attn" and args.block_size % 256:
+        fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
+    num_blocks = budget_tokens // args.block_size
+    shape = (len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"])
+    manager = KVCacheManager(num_blocks, args.block_size, -(-args.max_seq_len // args.block_size), device)
+    return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)), manager
+
+
+def generate(model, requests, kv_cache, manager, args, stop_ids, device):
+    stats = {"decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0, "reserved_at_peak_use": 0,
+             "manager_seconds": 0.0, "preemptions": 0}
+    waiting = deque(requests)  # not started yet, or preempted and waiting to be recomputed
+    running = []               # in the order they were admitted: the newest is preempted first
+    used_tokens = 0            # tokens held in the cache by running requests
+    while waiting or running:
+        t0 = time.perf_counter()
+        # 1. Room for this step's token: a request whose next token starts a new block gets one now.
+        #    When none is free, preempt the newest request: free its blocks and recompute it later.
+        preempted = False
+        for req_id in manager.blocks_due():
+            while not manager.free_blocks and req_id in manager.blocks:
+                victim = running.pop()
+                manager.free(victim.id)
+                used_tokens -= len(victim.tokens) - 1
+                waiting.appendleft(victim)
+                stats["preemptions"] += 1
+                preempted = True
+            if req_id in manager.blocks:
+                manager.append_block(req_id)
+        # 2. Admit waiting requests while their tokens, plus the one this step writes, fit.
+        admitted = []
+        while waiting and not preempted and manager.can_allocate(len(waiting[0].tokens) + 1):
+            req = waiting.popleft()
+            req.cache_row = manager.allocate(req.id, len(req.tokens) + 1)
+            admitted.append(req)
+        if not running and not admitted:
+            req = waiting[0]
+            fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot "
+                             f"hold request {req.id}, which needs {manager.blocks_for(len(req.tokens) + 1)}")
+        stats["manager_seconds"] += time.perf_counter() - t0
+
+        # 3. Prefill each admitted request whole: its prompt (plus, after a preemption, what it had
+        #    generated) goes through the model in one pass, filling its blocks and giving its next token.
+        for req in admitted:
+            tokens = torch.tensor([req.tokens], device=device)
+            t0 = time.perf_counter()
+            table = manager.batch_block_table(torch.tensor([req.cache_row], device=device), manager.blocks_for(len(req.tokens)))
+            stats["manager_seconds"] += time.perf_counter() - t0
+            logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=device), kv_cache, block_table=table)
+            used_tokens += len(req.tokens)
+            append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
+            running.append(req)
+
+        # 4. One decode step for every running request, in one batch.
+        done = [r for r in running if r.done]
+        if len(done) < len(running):
+            batch = [r for r in running if not r.done]
+            tokens, cache_seqlens, rows = batch_inputs(batch, device)
+            width = manager.blocks_for(max(len(r.tokens) for r in batch))  # blocks of the longest request
+            t0 = time.perf_counter()
+            table = manager.batch_block_table(rows, width)
+            stats["manager_seconds"] += time.perf_counter() - t0
+            logits = forward(model, tokens, cache_seqlens, kv_cache, block_table=table)
+            for req, token in zip(batch, logits.argmax(-1).tolist()):
+                append_token(req, token, stop_ids, args.max_seq_len)
+            used_tokens += len(batch)
+            stats["decode_steps"] += 1
+            reserved_tokens = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
+            record_memory(stats, reserved_tokens, used_tokens)
+            show_progress(stats, len(running), len(waiting))
+
+        # 5. Finished requests give all their blocks back at once, and the batch shrinks.
+        t0 = time.perf_counter()
+        for req in running:
+            if req.done:
+                manager.free(req.id)
+                used_tokens -= len(req.tokens) - 1
+        running = [r for r in running if not r.done]
+        manager.end_step()
+        stats["manager_seconds"] += time.perf_counter() - t0
+    if len(manager.free_blocks) != manager.num_blocks:
+        raise RuntimeError(f"{manager.num_blocks - len(manager.free_blocks)} KV blocks were never freed")
+    stats.update(block_size=manager.block_size, num_blocks=manager.num_blocks)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by both scripts: batch inputs, progress and the report.
+
+def batch_inputs(batch, device):
+    """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
+    tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=device)
+    cache_seqlens = torch.tensor([len(r.tokens) - 1 for r in batch], dtype=torch.int32, device=device)
+    rows = torch.tensor([r.cache_row for r in batch], dtype=torch.int32, device=device)
+    return tokens, cache_seqlens, rows
+
+
+def record_memory(stats, reserved_tokens, used_tokens):
+    stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
+    if used_tokens > stats["peak_used_tokens"]:
+        stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
+
+
+def show_progress(stats, running, waiting):
+    if sys.stderr.isatty() and stats["decode_steps"] % 16 == 0:
+        print(f"\rstep {stats['decode_steps']}: {running} running, {waiting} waiting ", end="", file=sys.stderr)
+
+
+def report(stats, name):
+    gb = lambda tokens: f"{tokens * stats['kv_bytes_per_token'] / 1e9:.3g} GB"
+    wasted = stats["reserved_at_peak_use"] - stats["peak_used_tokens"]
+    percent = 100 * wasted / max(1, stats["reserved_at_peak_use"])
+    lines = [
+        f"=== {name} ===",
+        f"requests:              {stats['requests']} ({stats['finished']} finished)",
+        f"generated tokens:      {stats['generated_tokens']} in {stats['wall_seconds']:.2f} s "
+        f"({stats['generated_tokens'] / stats['wall_seconds']:.1f} tokens/s, {stats['decode_steps']} decode steps)",
+        f"attention kernel:      {stats['kernel']}",
+        f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
+        f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
+        f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
+        f"Fragmented Memory: {gb(wasted)} ({percent:.1f}% of the KV reserved when the most tokens were held)",
+    ]
+    if "block_size" in stats:
+        lines += [f"block size:            {stats['block_size']} tokens",
+                  f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
+                  f"preemptions:           {stats['preemptions']}"]
+    per_step = 1e6 * stats["manager_seconds"] / max(1, stats["decode_steps"])
+    lines.append(f"cache manager time:    {stats['manager_seconds']:.4f} s ({per_step:.1f} us per decode step)")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.n.isdigit() or int(args.n) < 1:
+        fail(f"N must be a positive integer, got {args.n!r}")
+    if args.max_seq_len < 2:
+        fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
+        fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
+    prompts = load_prompts(args.prompts, int(args.n), tokenizer)
+    requests = []
+    for i, (text, ref_length) in enumerate(prompts):
+        prompt_ids = encode_chat(tokenizer, text)
+        if len(prompt_ids) >= args.max_seq_len:
+            fail(f"prompt {i} has {len(prompt_ids)} tokens: no room to generate within "
+                             f"--max-seq-len {args.max_seq_len}")
+        requests.append(Request(i, prompt_ids, max(1, ref_length) if args.ref_lengths else None, list(prompt_ids)))
+    stop_ids = {tokenizer.encode_single_token("<|eot_id|>"), tokenizer.encode_single_token("<|end_of_text|>")}
+
+    model = load_model(args.ckpt_dir, device, dtype)
+    if model["vocab_size"] < tokenizer.n_vocab:
+        fail(f"the checkpoint's vocab_size {model['vocab_size']} is smaller than the tokenizer's {tokenizer.n_vocab}")
+    model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len, device)
+    model["attention"], model["kernel_name"] = pick_attention(device)
+    budget_tokens = kv_budget_tokens(args, model, device, dtype)
+    try:
+        kv_cache, manager = make_kv_cache(model, budget_tokens, args, device, dtype)
+        start = time.perf_counter()
+        stats = generate(model, requests, kv_cache, manager, args, stop_ids, device)
+    except torch.cuda.OutOfMemoryError as e:
+        fail(f"out of GPU memory: {str(e).splitlines()[0]}")
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    stats.update(requests=len(requests), finished=sum(r.done for r in requests),
+                 generated_tokens=sum(len(r.generated_ids) for r in requests),
+                 wall_seconds=time.perf_counter() - start, kv_budget_tokens=budget_tokens, kernel=model["kernel_name"],
+                 kv_bytes_per_token=kv_bytes_per_token(model, dtype))
+    stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]
+
+    def response(req):
+        ids = req.generated_ids
+        return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids)
+
+    if not args.quiet:
+        for req in requests:
+            print(f"--- request {req.id}: {len(req.prompt_ids)} prompt tokens, {len(req.generated_ids)} generated ---")
+            print(response(req))
+    report(stats, Path(__file__).name)
+    if args.json:
+        out = {"stats": stats, "requests": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
+                                             "text": response(r)} for r in requests]}
+        Path(args.json).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
