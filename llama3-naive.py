@@ -301,7 +301,7 @@ def make_kv_cache(model, budget_tokens, num_requests, args, device, dtype):
 
 
 def generate(model, requests, kv_cache, args, stop_ids, device):
-    stats = {"decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0, "reserved_at_peak_use": 0,
+    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0, "reserved_at_peak_use": 0,
              "manager_seconds": 0.0}
     # Request i owns row i of the cache from the first step to the last, however few tokens it needs.
     reserved_tokens = len(requests) * args.max_seq_len
@@ -346,6 +346,7 @@ def batch_inputs(batch, device):
 
 
 def record_memory(stats, reserved_tokens, used_tokens):
+    stats["timeline"].append((reserved_tokens, used_tokens))
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
         stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
@@ -420,6 +421,7 @@ def main(argv=None):
                  generated_tokens=sum(len(r.generated_ids) for r in requests),
                  wall_seconds=time.perf_counter() - start, kv_budget_tokens=budget_tokens, kernel=model["kernel_name"],
                  kv_bytes_per_token=kv_bytes_per_token(model, dtype))
+    timeline = {"reserved_tokens": [t[0] for t in stats["timeline"]], "used_tokens": [t[1] for t in stats.pop("timeline")]}
     stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]
 
     def response(req):
@@ -432,7 +434,7 @@ def main(argv=None):
             print(response(req))
     report(stats, Path(__file__).name)
     if args.json:
-        out = {"stats": stats, "requests": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
+        out = {"stats": stats, "timeline": timeline, "requests": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
                                              "text": response(r)} for r in requests]}
         Path(args.json).write_text(json.dumps(out))
 
