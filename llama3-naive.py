@@ -71,6 +71,8 @@ def load_tokenizer(path):
     try:
         lines = path.read_bytes().splitlines()
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except FileNotFoundError:
+        fail(f"tokenizer {path} not found")
     except (OSError, ValueError) as e:
         fail(f"cannot read tokenizer {path}: {e}")
     special = {SPECIAL_NAMES.get(i, f"<|reserved_special_token_{i}|>"): len(ranks) + i for i in range(256)}
@@ -315,7 +317,6 @@ def generate(model, requests, kv_cache, args, stop_ids, device):
         logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=device), kv_cache, cache_batch_idx=rows)
         used_tokens += len(req.tokens)
         append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
-    record_memory(stats, reserved_tokens, used_tokens)
 
     # One decode step for every running request, in one batch, until all are done.
     running = [r for r in requests if not r.done]
@@ -392,6 +393,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
+    if not Path(args.ckpt_dir).is_dir():
+        fail(f"checkpoint directory {args.ckpt_dir} not found (the README shows how to download or make one)")
     tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
     prompts = load_prompts(args.prompts, int(args.n), tokenizer)
     requests = []

@@ -73,6 +73,8 @@ def load_tokenizer(path):
     try:
         lines = path.read_bytes().splitlines()
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except FileNotFoundError:
+        fail(f"tokenizer {path} not found")
     except (OSError, ValueError) as e:
         fail(f"cannot read tokenizer {path}: {e}")
     special = {SPECIAL_NAMES.get(i, f"<|reserved_special_token_{i}|>"): len(ranks) + i for i in range(256)}
@@ -512,6 +514,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
+    if not Path(args.ckpt_dir).is_dir():
+        fail(f"checkpoint directory {args.ckpt_dir} not found (the README shows how to download or make one)")
     tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
     prompts = load_prompts(args.prompts, int(args.n), tokenizer)
     requests = []
