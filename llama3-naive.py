@@ -28,10 +28,11 @@ try:
 except ImportError:
     flash_attn_with_kvcache = None
 
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside
-# Llama-3-8B in bf16 (README, "The KV budget"). It holds 7 naive requests of 8192 tokens, not 8.
-CPU_KV_BUDGET_TOKENS = 61_688
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside
+# Llama-3-8B's bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token. It holds
+# 7 naive requests of 8192 tokens, not 8.
+CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
 
 
 def fail(message):

@@ -29,10 +29,11 @@ try:
 except ImportError:
     flash_attn_with_kvcache = None
 
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside
-# Llama-3-8B in bf16 (README, "The KV budget"). It holds 7 naive requests of 8192 tokens, not 8.
-CPU_KV_BUDGET_TOKENS = 61_688
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside
+# Llama-3-8B's bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token. It holds
+# 7 naive requests of 8192 tokens, not 8.
+CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
 
 
 def fail(message):
@@ -379,15 +380,15 @@ def make_kv_cache(model, budget_tokens, args, device, dtype):
 
 
 def generate(model, requests, kv_cache, manager, args, stop_ids, device):
-    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0, "reserved_at_peak_use": 0,
-             "manager_seconds": 0.0, "preemptions": 0}
+    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0,
+             "reserved_at_peak_use": 0, "manager_seconds": 0.0, "preemptions": 0}
     waiting = deque(requests)  # not started yet, or preempted and waiting to be recomputed
     running = []               # in the order they were admitted: the newest is preempted first
     used_tokens = 0            # tokens held in the cache by running requests
     while waiting or running:
         t0 = time.perf_counter()
-        # 1. Room for this step's token: a request whose next token starts a new block gets one now.
-        #    When none is free, preempt the newest request: free its blocks and recompute it later.
+        # 1. Room for this step's token. A request whose next token starts a new block gets one now;
+        #    when none is free, preempt the newest request: free its blocks and recompute it later.
         preempted = False
         for req_id in manager.blocks_due():
             while not manager.free_blocks and req_id in manager.blocks:
@@ -399,57 +400,54 @@ def generate(model, requests, kv_cache, manager, args, stop_ids, device):
                 preempted = True
             if req_id in manager.blocks:
                 manager.append_block(req_id)
-        # 2. Admit waiting requests while their tokens, plus the one this step writes, fit.
+        # 2. Admit waiting requests, oldest first, while their tokens and the one this step writes fit;
+        #    but not right after a preemption, which would only hand back the blocks just taken.
         admitted = []
         while waiting and not preempted and manager.can_allocate(len(waiting[0].tokens) + 1):
             req = waiting.popleft()
             req.cache_row = manager.allocate(req.id, len(req.tokens) + 1)
             admitted.append(req)
         if not running and not admitted:
-            req = waiting[0]
-            fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot "
-                             f"hold request {req.id}, which needs {manager.blocks_for(len(req.tokens) + 1)}")
+            fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
+                 f"{waiting[0].id}, which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}")
+        tables = [manager.batch_block_table(torch.tensor([r.cache_row], device=device),
+                                            manager.blocks_for(len(r.tokens))) for r in admitted]
         stats["manager_seconds"] += time.perf_counter() - t0
 
-        # 3. Prefill each admitted request whole: its prompt (plus, after a preemption, what it had
-        #    generated) goes through the model in one pass, filling its blocks and giving its next token.
-        for req in admitted:
+        # 3. Prefill each admitted request whole: its prompt (after a preemption, its prompt and what it
+        #    had generated) goes through the model in one pass, filling its blocks and giving its next token.
+        for req, table in zip(admitted, tables):
             tokens = torch.tensor([req.tokens], device=device)
-            t0 = time.perf_counter()
-            table = manager.batch_block_table(torch.tensor([req.cache_row], device=device), manager.blocks_for(len(req.tokens)))
-            stats["manager_seconds"] += time.perf_counter() - t0
             logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=device), kv_cache, block_table=table)
             used_tokens += len(req.tokens)
             append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
             running.append(req)
 
         # 4. One decode step for every running request, in one batch.
-        done = [r for r in running if r.done]
-        if len(done) < len(running):
-            batch = [r for r in running if not r.done]
+        batch = [r for r in running if not r.done]
+        if batch:
             tokens, cache_seqlens, rows = batch_inputs(batch, device)
             width = manager.blocks_for(max(len(r.tokens) for r in batch))  # blocks of the longest request
             t0 = time.perf_counter()
-            table = manager.batch_block_table(rows, width)
+            table = manager.batch_block_table(rows, width)  # (batch, width)
             stats["manager_seconds"] += time.perf_counter() - t0
             logits = forward(model, tokens, cache_seqlens, kv_cache, block_table=table)
             for req, token in zip(batch, logits.argmax(-1).tolist()):
                 append_token(req, token, stop_ids, args.max_seq_len)
             used_tokens += len(batch)
             stats["decode_steps"] += 1
-            reserved_tokens = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
-            record_memory(stats, reserved_tokens, used_tokens)
+            record_memory(stats, (manager.num_blocks - len(manager.free_blocks)) * manager.block_size, used_tokens)
             show_progress(stats, len(running), len(waiting))
 
         # 5. Finished requests give all their blocks back at once, and the batch shrinks.
-        t0 = time.perf_counter()
-        for req in running:
-            if req.done:
-                manager.free(req.id)
-                used_tokens -= len(req.tokens) - 1
+        finished = [r for r in running if r.done]
         running = [r for r in running if not r.done]
+        t0 = time.perf_counter()
+        for req in finished:
+            manager.free(req.id)
         manager.end_step()
         stats["manager_seconds"] += time.perf_counter() - t0
+        used_tokens -= sum(len(r.tokens) - 1 for r in finished)
     if len(manager.free_blocks) != manager.num_blocks:
         raise RuntimeError(f"{manager.num_blocks - len(manager.free_blocks)} KV blocks were never freed")
     stats.update(block_size=manager.block_size, num_blocks=manager.num_blocks)
