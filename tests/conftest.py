@@ -17,19 +17,6 @@ def tiny_ckpt(tmp_path_factory):
     return out
 
 
-def load_script(name):
-    """Import llama3-naive.py or llama3-paged.py as a module (their names have hyphens)."""
-    import importlib.util
-    if name not in _modules:
-        spec = importlib.util.spec_from_file_location(name[:-3].replace("-", "_"), ROOT / name)
-        _modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_modules[name])
-    return _modules[name]
-
-
-_modules = {}
-
-
 def run_script(script, *args, timeout=300):
     """Run llama3-naive.py or llama3-paged.py as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],

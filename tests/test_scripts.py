@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from conftest import ROOT, load_script, run_script
+from conftest import ROOT, run_script
+from load_scripts import load_script
 
 N = 6
 # --max-seq-len 384 keeps every run to a few seconds: of the first 6 prompts, 4 stop at their reference

@@ -1,0 +1,243 @@
+"""attention_torch, the pure-PyTorch stand-in for flash-attn's flash_attn_with_kvcache, against a dense reference.
+
+The reference below is written from flash-attn's documented semantics, one batch row and one head at a
+time: the keys of row b are its cached keys [0, cache_seqlens[b]) followed by the new keys; query head
+h reads kv head h // (n_heads // n_kv_heads); scores are q.k / sqrt(head_dim); with causal=True new
+query i (0-based) sees keys j <= cache_seqlens[b] + i (the mask aligned to the bottom right), with
+causal=False it sees every key j < cache_seqlens[b] + seqlen_q. The kernel also writes the new k and v
+into the cache at positions cache_seqlens[b] + i, and must change nothing else there.
+
+Every cache slot the kernel must not read (past a row's length, unused blocks, spare block-table
+columns) holds random values, not zeros, so reading one changes the result.
+"""
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # pytest puts it there, unless in importlib mode
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_scripts import load_script  # noqa: E402
+
+SCRIPTS = ["paged", "naive"]  # both files carry their own copy of attention_torch
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+# (cache_seqlens, seqlen_q): decode (seqlen_q 1) and prefill (seqlen_q > 1), from an empty cache and
+# after cached tokens, ragged across the batch, around block boundaries of 5 and 16.
+SHAPES = [
+    ([0, 7, 33], 1),
+    ([0, 7, 33], 6),
+    ([0], 9),            # a whole prompt from an empty cache
+    ([12], 1),
+    ([0, 0, 2], 3),
+    ([4, 5, 15, 16, 31], 1),
+    ([16, 10, 1], 17),
+]
+HEADS = [(8, 2), (4, 4)]  # grouped-query (4 query heads per kv head) and plain multi-head
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add overhead (tens of ms per op when the cores are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_close(got, want, rtol, atol):
+    """torch.testing.assert_close without its one-off second of imports."""
+    err = (got - want).abs()
+    bound = atol + rtol * want.abs()
+    assert not torch.isnan(got).any(), "NaN in the output"
+    assert (err <= bound).all(), f"max abs error {err.max().item():.3g} (worst excess {(err - bound).max().item():.3g})"
+
+
+def reference(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
+    """Dense attention over each row's cached keys plus its new keys, with explicit loops."""
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    group = n_heads // n_kv_heads
+    kv_head_of = [h // group for h in range(n_heads)]  # query head h reads kv head h // group
+    out = torch.empty_like(q)
+    for b in range(batch):
+        cached = int(cache_seqlens[b])
+        if block_table is not None:
+            block_size = k_cache.shape[1]
+            slots = [(int(block_table[b, t // block_size]), t % block_size) for t in range(cached)]
+            old_k = torch.stack([k_cache[blk, off] for blk, off in slots]) if slots else k_cache[0, :0]
+            old_v = torch.stack([v_cache[blk, off] for blk, off in slots]) if slots else v_cache[0, :0]
+        else:
+            row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+            old_k, old_v = k_cache[row, :cached], v_cache[row, :cached]
+        keys = torch.cat([old_k, k[b]])[:, kv_head_of]      # (cached + seqlen_q, n_heads, head_dim)
+        values = torch.cat([old_v, v[b]])[:, kv_head_of]
+        scores = torch.einsum("ihd,jhd->hij", q[b], keys) / math.sqrt(head_dim)  # (n_heads, seqlen_q, keys)
+        for i in range(seqlen_q):
+            last = cached + i if causal else cached + seqlen_q - 1  # the last key query i sees
+            scores[:, i, last + 1:] = -math.inf
+        out[b] = torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), values)
+    return out
+
+
+def make_inputs(gen, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim, dtype):
+    batch = len(cache_seqlens)
+    q = torch.randn(batch, seqlen_q, n_heads, head_dim, generator=gen, dtype=dtype)
+    k = torch.randn(batch, seqlen_q, n_kv_heads, head_dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, seqlen_q, n_kv_heads, head_dim, generator=gen, dtype=dtype)
+    return q, k, v, torch.tensor(cache_seqlens, dtype=torch.int32)
+
+
+def contiguous_case(seed, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim=8, dtype=torch.float64,
+                    use_batch_idx=True):
+    """A (cache_batch, max_seq_len, ...) cache; with use_batch_idx, the batch reads a shuffled subset of its rows."""
+    gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    q, k, v, seqlens = make_inputs(gen, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim, dtype)
+    batch = len(cache_seqlens)
+    max_seq_len = max(cache_seqlens) + seqlen_q + 3  # room to spare past every row's end
+    if use_batch_idx:
+        cache_batch = batch + 3
+        rows = rng.sample(range(cache_batch), batch)
+        if batch > 1 and rows == sorted(rows):  # make sure the rows are out of order
+            rows.reverse()
+        cache_batch_idx = torch.tensor(rows, dtype=torch.int32)
+    else:
+        cache_batch, cache_batch_idx = batch, None
+    k_cache = torch.randn(cache_batch, max_seq_len, n_kv_heads, head_dim, generator=gen, dtype=dtype)
+    v_cache = torch.randn(cache_batch, max_seq_len, n_kv_heads, head_dim, generator=gen, dtype=dtype)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=seqlens,
+                block_table=None, cache_batch_idx=cache_batch_idx)
+
+
+def paged_case(seed, cache_seqlens, seqlen_q, n_heads, n_kv_heads, block_size, head_dim=8, dtype=torch.float64,
+               extra_columns=2, spare_blocks=3):
+    """A (num_blocks, block_size, ...) pool; each row's blocks are shuffled physical blocks, and the block
+    table is wider than any row needs, its spare columns pointing at arbitrary (even other rows') blocks."""
+    gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    q, k, v, seqlens = make_inputs(gen, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim, dtype)
+    needed = [-(-(n + seqlen_q) // block_size) for n in cache_seqlens]
+    num_blocks = sum(needed) + spare_blocks
+    physical = list(range(num_blocks))
+    rng.shuffle(physical)
+    width = max(needed) + extra_columns
+    table = []
+    for n in needed:
+        own, physical = physical[:n], physical[n:]
+        table.append(own + [rng.randrange(num_blocks) for _ in range(width - n)])
+    k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, generator=gen, dtype=dtype)
+    v_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, generator=gen, dtype=dtype)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=seqlens,
+                block_table=torch.tensor(table, dtype=torch.int32), cache_batch_idx=None)
+
+
+def expected_cache(case):
+    """The caches as they must be after the call: the new k, v at positions cache_seqlens[b] + i, nothing else."""
+    k_cache, v_cache = case["k_cache"].clone(), case["v_cache"].clone()
+    table, idx = case["block_table"], case["cache_batch_idx"]
+    for b, cached in enumerate(case["cache_seqlens"].tolist()):
+        for i in range(case["k"].shape[1]):
+            t = cached + i
+            if table is not None:
+                slot = (int(table[b, t // k_cache.shape[1]]), t % k_cache.shape[1])
+            else:
+                slot = (b if idx is None else int(idx[b]), t)
+            k_cache[slot], v_cache[slot] = case["k"][b, i], case["v"][b, i]
+    return k_cache, v_cache
+
+
+def check(script, case, causal):
+    attention_torch = load_script(script).attention_torch
+    before = {name: case[name].clone() for name in ("k_cache", "v_cache")}
+    want = reference(**{**case, **before}, causal=causal)
+    want_k_cache, want_v_cache = expected_cache(case)
+
+    got = attention_torch(**case, causal=causal)
+
+    assert got.shape == case["q"].shape and got.dtype == case["q"].dtype
+    assert_close(got, want, **TOL[case["q"].dtype])
+    # The write is exact (a copy), and touches only the new tokens' slots.
+    assert torch.equal(case["k_cache"], want_k_cache), "k_cache: wrong slots written, or a new key missing"
+    assert torch.equal(case["v_cache"], want_v_cache), "v_cache: wrong slots written, or a new value missing"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{'-'.join(map(str, s[0]))}_q{s[1]}")
+@pytest.mark.parametrize("use_batch_idx", [True, False], ids=["batch_idx", "no_batch_idx"])
+def test_contiguous_cache(script, causal, heads, shape, use_batch_idx):
+    seed = hash((tuple(shape[0]), shape[1], heads, causal, use_batch_idx)) % 2**31
+    case = contiguous_case(seed, *shape, *heads, use_batch_idx=use_batch_idx)
+    check(script, case, causal)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{'-'.join(map(str, s[0]))}_q{s[1]}")
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+def test_paged_cache(script, causal, heads, shape, block_size):
+    seed = hash((tuple(shape[0]), shape[1], heads, causal, block_size)) % 2**31
+    case = paged_case(seed, *shape, *heads, block_size)
+    check(script, case, causal)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("layout", ["paged", "batch_idx", "no_batch_idx"])
+@pytest.mark.parametrize("shape", [([0, 7, 33], 1), ([3, 0], 5)], ids=["decode", "prefill"])
+def test_float32(script, layout, shape):
+    if layout == "paged":
+        case = paged_case(7, *shape, 8, 2, block_size=5, head_dim=16, dtype=torch.float32)
+    else:
+        case = contiguous_case(7, *shape, 8, 2, head_dim=16, dtype=torch.float32,
+                               use_batch_idx=layout == "batch_idx")
+    check(script, case, causal=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_paged_and_contiguous_agree(script):
+    """The same tokens laid out in blocks and in rows give the same outputs and the same cached tokens."""
+    attention_torch = load_script(script).attention_torch
+    cache_seqlens, seqlen_q, block_size = [0, 7, 33, 16], 3, 5
+    paged = paged_case(11, cache_seqlens, seqlen_q, 8, 2, block_size)
+    # Copy each row's cached tokens out of its blocks into a contiguous cache, read through shuffled rows.
+    rows = [2, 0, 3, 1]
+    max_len = max(cache_seqlens) + seqlen_q
+    k_rows = torch.randn(len(rows), max_len, 2, 8, dtype=torch.float64)
+    v_rows = torch.randn(len(rows), max_len, 2, 8, dtype=torch.float64)
+    table = paged["block_table"]
+    for b, cached in enumerate(cache_seqlens):
+        for t in range(cached):
+            slot = (int(table[b, t // block_size]), t % block_size)
+            k_rows[rows[b], t], v_rows[rows[b], t] = paged["k_cache"][slot], paged["v_cache"][slot]
+    contiguous = dict(paged, k_cache=k_rows, v_cache=v_rows, block_table=None,
+                      cache_batch_idx=torch.tensor(rows, dtype=torch.int32))
+
+    out_paged, out_rows = attention_torch(**paged), attention_torch(**contiguous)
+
+    assert_close(out_paged, out_rows, rtol=1e-12, atol=1e-12)
+    for b, cached in enumerate(cache_seqlens):
+        for t in range(cached + seqlen_q):
+            slot = (int(table[b, t // block_size]), t % block_size)
+            assert torch.equal(paged["k_cache"][slot], k_rows[rows[b], t])
+            assert torch.equal(paged["v_cache"][slot], v_rows[rows[b], t])
+
+
+def test_reference_mask_is_bottom_right_aligned():
+    """Sanity check of the reference itself: with all-equal keys and distinct values, each query's output is
+    the mean of the values it sees, which pins down exactly which keys those are."""
+    seqlen_q, cached, head_dim = 3, 2, 4
+    q = torch.zeros(1, seqlen_q, 1, head_dim, dtype=torch.float64)
+    values = torch.arange(cached + seqlen_q, dtype=torch.float64)[:, None, None].expand(-1, 1, head_dim)
+    k_cache = torch.zeros(1, cached + seqlen_q, 1, head_dim, dtype=torch.float64)
+    v_cache = values[None].clone()
+    k, v = torch.zeros(1, seqlen_q, 1, head_dim, dtype=torch.float64), values[None, cached:].clone()
+    seqlens = torch.tensor([cached], dtype=torch.int32)
+    causal = reference(q, k_cache, v_cache, k, v, seqlens, causal=True)[0, :, 0, 0]
+    full = reference(q, k_cache, v_cache, k, v, seqlens, causal=False)[0, :, 0, 0]
+    # query i sees keys 0..cached+i: means of 0..2, 0..3, 0..4
+    assert causal.tolist() == [1.0, 1.5, 2.0]
+    assert full.tolist() == [2.0, 2.0, 2.0]
