@@ -58,7 +58,26 @@ def parse_args(argv):
     p.add_argument("--block-size", type=int, help="tokens per KV block (256 with flash-attn, else 16)")
     p.add_argument("--json", metavar="PATH", help="write stats and every request's tokens to PATH")
     p.add_argument("--quiet", action="store_true", help="don't print the responses")
-    return p.parse_args(argv)
+    p.add_argument("--system-prompt", metavar="TEXT", help="a system message before every request's user turn")
+    p.add_argument("--no-prefix-sharing", action="store_true",
+                   help="store every prompt's blocks itself, even those already in the cache")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt, sharing the prompt's blocks")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--beams", type=int, help="beam search with this many beams per prompt (the best is returned)")
+    p.add_argument("--preempt", choices=("recompute", "swap"), default="recompute",
+                   help="a preempted request's K and V are recomputed, or swapped to host memory and back "
+                        "(a beam search starts over)")
+    args = p.parse_args(argv)
+    if args.samples < 1:
+        fail(f"--samples must be positive, got {args.samples}")
+    if args.beams is not None and args.beams < 1:
+        fail(f"--beams must be positive, got {args.beams}")
+    if not 0 <= args.temperature < math.inf:
+        fail(f"--temperature must be a number >= 0, got {args.temperature}")
+    if args.beams and (args.samples > 1 or args.temperature > 0):
+        fail("--beams searches deterministically: use it without --samples and --temperature")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,14 +101,17 @@ def load_tokenizer(path):
     return tiktoken.Encoding(path.name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def encode_chat(tokenizer, user_message):
-    """One user turn in Llama 3's chat format, ending with the header that asks the assistant to answer."""
+def encode_chat(tokenizer, user_message, system_message=None):
+    """One user turn in Llama 3's chat format (after a system turn, if given), ending with the header that asks
+    the assistant to answer."""
     special = tokenizer.encode_single_token
     def header(role):
         return [special("<|start_header_id|>"), *tokenizer.encode_ordinary(role), special("<|end_header_id|>"),
                 *tokenizer.encode_ordinary("\n\n")]
     # encode_ordinary: text that looks like a special token stays text, as the user typed it.
-    return [special("<|begin_of_text|>"), *header("user"), *tokenizer.encode_ordinary(user_message.strip()),
+    system = [*header("system"), *tokenizer.encode_ordinary(system_message.strip()),
+              special("<|eot_id|>")] if system_message else []
+    return [special("<|begin_of_text|>"), *system, *header("user"), *tokenizer.encode_ordinary(user_message.strip()),
             special("<|eot_id|>"), *header("assistant")]
 
 
@@ -297,20 +319,33 @@ class KVCacheManager:
     request's block table is the same in layer 0 and layer 31. Row r of block_table lists, in order,
     the blocks of the request that holds row r: its token t lives in block block_table[r, t // block_size]
     at offset t % block_size. flash-attn reads that table directly.
+
+    Requests may share blocks: ref_count[b] counts the requests that hold block b, and b goes back to the
+    free list only when the last of them lets go. A fork (--samples, --beams) holds its parent's blocks.
+    Nobody writes into a full block again, so only a shared last block, partly filled, is copied, before
+    the first write into it (copy-on-write). With prefix sharing, a new request also holds the full blocks
+    of its prompt that the cache already has, found by their tokens and the block before them.
     """
 
-    def __init__(self, num_blocks, block_size, max_blocks_per_seq, device):
+    def __init__(self, num_blocks, block_size, max_blocks_per_seq, device, num_rows=None, share_prefixes=False):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks = deque(range(num_blocks))  # O(1) to take from and give back to
-        self.free_rows = deque(range(num_blocks))    # each request holds >= 1 block, so rows never run out
-        self.block_table = torch.zeros(num_blocks, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.ref_count = [0] * num_blocks            # requests holding each block; 0: free
+        self.shared = 0                              # sum of (ref_count - 1) over held blocks: blocks saved
+        # Each request holds >= 1 block of its own, so rows run out only with forks (see make_kv_cache).
+        self.free_rows = deque(range(num_rows or num_blocks))
+        self.block_table = torch.zeros(num_rows or num_blocks, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.blocks = {}        # request id -> its blocks, in order
         self.rows = {}          # request id -> its block-table row
         self.pending = {}       # (row, column) -> block: writes not yet copied to the device table
+        self.copies = {}        # block -> the block it must become a copy of before this step's writes
+        self.prefix = {} if share_prefixes else None  # (block before it or -1, its tokens) -> a full block
+        self.prefix_key = {}    # block -> its key in self.prefix
         # Every running request grows by one token per decode step, so we know when each one will fill
         # its last block: at that step and no other do we need to look at it. No per-step scan.
         self.step = 0
-        self.due = defaultdict(list)  # decode step -> requests that need a new block before it
+        self.start = {}               # request id -> step s: in step t it writes its token t - s
+        self.due = defaultdict(list)  # decode step -> requests that need a new block (or a copy) before it
         self.due_step = {}            # request id -> the step it is due at
 
     def blocks_for(self, num_tokens):
@@ -319,32 +354,62 @@ class KVCacheManager:
     def can_allocate(self, num_tokens):
         return self.blocks_for(num_tokens) <= len(self.free_blocks)
 
-    def allocate(self, req_id, num_tokens):
-        """Room for num_tokens tokens, all written by the end of the coming decode step. Returns the row."""
-        blocks = [self.free_blocks.popleft() for _ in range(self.blocks_for(num_tokens))]
-        row = self.free_rows.popleft()
-        self.blocks[req_id], self.rows[req_id] = blocks, row
-        self.pending.update(((row, j), b) for j, b in enumerate(blocks))
-        self._schedule(req_id, self.step + len(blocks) * self.block_size - num_tokens + 1)
-        return row
+    def cached_tokens(self, token_ids):
+        """How many leading tokens of token_ids the cache holds already, in whole blocks (prefix sharing)."""
+        return len(self._cached_prefix(token_ids)) * self.block_size
+
+    def allocate(self, req_id, num_tokens, token_ids=()):
+        """Room for num_tokens tokens, all written by the end of the coming decode step. Returns the row.
+        The first cached_tokens(token_ids) are in the cache already: those blocks are shared. The full
+        blocks of token_ids (the tokens this step's prefill writes) become shareable in turn."""
+        blocks = self._cached_prefix(token_ids)
+        self._share(blocks)
+        blocks += [self._take() for _ in range(self.blocks_for(num_tokens) - len(blocks))]
+        for j in range(len(token_ids) // self.block_size if self.prefix is not None else 0):
+            key = self._key(token_ids, j, blocks[j - 1] if j else -1)
+            if key not in self.prefix:  # (it is if block j was shared, or is the last and so could not be)
+                self.prefix[key], self.prefix_key[blocks[j]] = blocks[j], key
+        start = self.step + 1 - num_tokens
+        return self._add(req_id, blocks, start, start + len(blocks) * self.block_size)
+
+    def fork(self, parent_id, child_id):
+        """At the end of a step, a new request holding all the parent's tokens by sharing its blocks. It writes
+        its next token in the next step and is due then: for a new block, or a copy of its shared last one."""
+        blocks = list(self.blocks[parent_id])
+        self._share(blocks)
+        return self._add(child_id, blocks, self.start[parent_id], self.step + 1)
 
     def blocks_due(self):
-        """Requests whose token in the coming decode step starts a new block."""
+        """Requests whose token in the coming decode step starts a new block, or goes into a shared one."""
         due = self.due.pop(self.step, [])
         for req_id in due:
             del self.due_step[req_id]
         return due
 
     def append_block(self, req_id):
-        block, blocks = self.free_blocks.popleft(), self.blocks[req_id]
-        self.pending[self.rows[req_id], len(blocks)] = block
-        blocks.append(block)
-        self._schedule(req_id, self.step + self.block_size)
+        """The block a due request writes this step's token into, made its own: a new block if the token
+        starts one, otherwise a copy of its last block, which others share (they must not see the write)."""
+        blocks = self.blocks[req_id]
+        if self.step - self.start[req_id] == len(blocks) * self.block_size:
+            blocks.append(self._take())
+        elif self.ref_count[blocks[-1]] > 1:
+            shared, blocks[-1] = blocks[-1], self._take()
+            self.copies[blocks[-1]] = shared
+            self._release(shared)
+        self.pending[self.rows[req_id], len(blocks) - 1] = blocks[-1]
+        self._schedule(req_id, self.start[req_id] + len(blocks) * self.block_size)
+
+    def take_copies(self):
+        """The copy-on-write copies to make before this step's writes: (destination blocks, source blocks)."""
+        copies, self.copies = self.copies, {}
+        return list(copies), list(copies.values())
 
     def free(self, req_id):
-        """All of a finished (or preempted) request's blocks go back at once."""
-        self.free_blocks.extend(self.blocks.pop(req_id))
+        """A finished (or preempted) request lets go of all its blocks at once; those nobody else holds go back."""
+        for block in self.blocks.pop(req_id):
+            self._release(block)
         self.free_rows.append(self.rows.pop(req_id))
+        del self.start[req_id]
         if req_id in self.due_step:
             self.due[self.due_step.pop(req_id)].remove(req_id)
 
@@ -360,9 +425,51 @@ class KVCacheManager:
     def end_step(self):
         self.step += 1
 
+    def _add(self, req_id, blocks, start, due_step):
+        row = self.free_rows.popleft()
+        self.blocks[req_id], self.rows[req_id], self.start[req_id] = blocks, row, start
+        self.pending.update(((row, j), b) for j, b in enumerate(blocks))
+        self._schedule(req_id, due_step)
+        return row
+
     def _schedule(self, req_id, step):
         self.due[step].append(req_id)
         self.due_step[req_id] = step
+
+    def _take(self):
+        block = self.free_blocks.popleft()
+        self.ref_count[block] = 1
+        return block
+
+    def _share(self, blocks):
+        for block in blocks:
+            self.ref_count[block] += 1
+        self.shared += len(blocks)
+
+    def _release(self, block):
+        self.ref_count[block] -= 1
+        if self.ref_count[block]:
+            self.shared -= 1
+            return
+        self.free_blocks.append(block)
+        self.copies.pop(block, None)       # a copy into a block nobody holds any more
+        if block in self.prefix_key:       # its tokens leave the cache
+            del self.prefix[self.prefix_key.pop(block)]
+
+    def _cached_prefix(self, token_ids):
+        """The blocks holding token_ids' leading full blocks, as far as the cache has them; never the one
+        with the last token, which a prefill must compute to give the next token's logits."""
+        blocks = []
+        while self.prefix is not None and len(blocks) < (len(token_ids) - 1) // self.block_size:
+            block = self.prefix.get(self._key(token_ids, len(blocks), blocks[-1] if blocks else -1))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _key(self, token_ids, j, previous):
+        """Block j of token_ids: its tokens, and the block before it, which stands for all tokens before."""
+        return previous, tuple(token_ids[j * self.block_size:(j + 1) * self.block_size])
 
 
 def make_kv_cache(model, budget_tokens, args, device, dtype):
@@ -375,53 +482,181 @@ def make_kv_cache(model, budget_tokens, args, device, dtype):
         fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
     num_blocks = budget_tokens // args.block_size
     shape = (len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"])
-    manager = KVCacheManager(num_blocks, args.block_size, -(-args.max_seq_len // args.block_size), device)
+    # A fork holds no block of its own until its first write: for a step, each request that does may carry
+    # S - 1 forks (B - 1 with beams), and every one of them needs a row of the block table.
+    num_rows = num_blocks * max(args.samples, args.beams or 1)
+    manager = KVCacheManager(num_blocks, args.block_size, -(-args.max_seq_len // args.block_size), device, num_rows,
+                             share_prefixes=not args.no_prefix_sharing)
     return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)), manager
+
+
+def with_samples(requests, samples):
+    """--samples S: each prompt's request S times in a row, ids 0..N*S-1. generate() forks all but the first."""
+    return [Request(i * samples + s, r.prompt_ids, r.ref_length, list(r.tokens))
+            for i, r in enumerate(requests) for s in range(samples)]
+
+
+def pick_tokens(logits, batch, args):
+    """Each request's next token from its row of logits (batch, vocab): the likeliest at --temperature 0,
+    else a sample. A sample's random numbers come from a generator seeded by --seed, the prompt, which
+    sample it is and the position, so neither the rest of the batch, nor sharing, nor preemption changes it."""
+    if args.temperature == 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits / args.temperature, dim=-1)  # (batch, vocab)
+    # (A hash of ints is the same in every run, unlike a hash of text.)
+    seeds = [hash((args.seed, r.id // args.samples, r.id % args.samples, len(r.tokens))) for r in batch]
+    uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device,
+                                      generator=torch.Generator(probs.device).manual_seed(seed)) for seed in seeds])
+    # An exponential race: -log(uniform) / probs[i] is exponential with rate probs[i], and token i finishes
+    # first with probability probs[i]. The winner barely depends on rounding in the logits.
+    return (uniform.log() / probs).argmax(-1).tolist()
+
+
+def best_beams(group, logits, score, width):
+    """Beam search's choice for one prompt: the `width` best of its live beams followed by any token, and of
+    its stopped beams as they are, by summed log-probability (summed in float64).
+    logits: (live beams, vocab), in group order. Returns (score, beam, token or None if stopped), best first."""
+    live = [b for b in group if not b.done]
+    scores = torch.tensor([score[b.id] for b in live], dtype=torch.float64, device=logits.device)
+    total = torch.log_softmax(logits.float(), dim=-1).double() + scores[:, None]  # (live beams, vocab)
+    values, indices = total.flatten().topk(width)
+    vocab = logits.shape[-1]
+    extended = [(value, live[i // vocab], i % vocab) for value, i in zip(values.tolist(), indices.tolist())]
+    stopped = [(score[b.id], b, None) for b in group if b.done]
+    return sorted(extended + stopped, key=lambda c: -c[0])[:width]
 
 
 def generate(model, requests, kv_cache, manager, args, stop_ids, device):
     stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0,
-             "reserved_at_peak_use": 0, "manager_seconds": 0.0, "preemptions": 0}
-    waiting = deque(requests)  # not started yet, or preempted and waiting to be recomputed
-    running = []               # in the order they were admitted: the newest is preempted first
-    used_tokens = 0            # tokens held in the cache by running requests
+             "reserved_at_peak_use": 0, "manager_seconds": 0.0, "preemptions": 0, "shared_blocks_peak": 0,
+             "peak_unshared_tokens": 0, "prefix_hit_tokens": 0, "cow_copies": 0, "swapped_bytes": 0}
+    # --samples S: a prompt's S requests come in a row. Only the first is prefilled; the others take their
+    # first token from its logits and fork from it.
+    siblings = {r.id: requests[i + 1:i + args.samples] for i, r in enumerate(requests)
+                if i % args.samples == 0 and args.samples > 1}
+    waiting = deque(requests[::args.samples])  # not started yet, or preempted and waiting to come back
+    running = []               # in the order they were admitted (forks after their parent): newest preempted first
+    joining, forks = [], []    # roots of new --samples/--beams groups, and (parent, child): they join at step's end
+    swapped = {}               # --preempt swap: request id -> its K and V on the host, (n_layers, blocks, ...) each
+    # --beams: the prompt's request (the root) id -> its beams, live and stopped; beam id -> its summed
+    # log-probability; beam id -> its root. New beams get new ids.
+    beams, score, root_of = {}, {}, {}
+    next_id = len(requests)
+
+    def make_copies():  # copy-on-write, in every layer at once
+        dst, src = manager.take_copies()
+        if dst:
+            for cache in kv_cache:  # (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
+                cache[:, dst] = cache[:, src]
+            stats["cow_copies"] += len(dst)
+
+    def preempt(victim):
+        """The newest request gives its blocks back and waits: to be recomputed from its tokens or, with
+        --preempt swap, to have its K and V copied back from host memory. A beam search starts over, since
+        its beams move in step together."""
+        nonlocal running
+        stats["preemptions"] += 1
+        if victim.id in root_of:
+            root = root_of[victim.id]
+            for beam in beams.pop(root.id):
+                if not beam.done:
+                    manager.free(beam.id)
+            running = [r for r in running if root_of.get(r.id) is not root]
+            root.tokens, root.done = list(root.prompt_ids), False
+            waiting.appendleft(root)
+            return
+        if args.preempt == "swap":
+            make_copies()  # its last block may be a copy not made yet
+            blocks = manager.blocks[victim.id][:manager.blocks_for(len(victim.tokens) - 1)]
+            swapped[victim.id] = kv_cache[0][:, blocks].cpu(), kv_cache[1][:, blocks].cpu()
+            stats["swapped_bytes"] += 2 * swapped[victim.id][0].nbytes
+        manager.free(victim.id)
+        running.pop()
+        waiting.appendleft(victim)
+
+    def extend_beams(root, logits):
+        """One step of root's beam search (logits: (its live beams, vocab)). A beam's best winner extends it,
+        its other winners fork from it, and a beam with none is dropped. Returns the dropped beams' ids."""
+        nonlocal next_id
+        live = [b for b in beams[root.id] if not b.done]
+        kept, extended = [], set()
+        for value, beam, token in best_beams(beams[root.id], logits, score, args.beams):
+            if token is not None:
+                if beam.id in extended:  # another winner from the same beam: a new beam forks from it
+                    beam, parent = Request(next_id, beam.prompt_ids, beam.ref_length, beam.tokens[:-1]), beam
+                    root_of[beam.id], next_id = root, next_id + 1
+                    forks.append((parent, beam))
+                extended.add(beam.id)
+                append_token(beam, token, stop_ids, args.max_seq_len)
+                score[beam.id] = value
+            kept.append(beam)
+        beams[root.id] = kept
+        dropped = {b.id for b in live if b.id not in extended}
+        for beam_id in dropped:
+            manager.free(beam_id)
+        return dropped
+
     while waiting or running:
         t0 = time.perf_counter()
-        # 1. Room for this step's token. A request whose next token starts a new block gets one now;
-        #    when none is free, preempt the newest request: free its blocks and recompute it later.
+        # 1. Room for this step's token. A request whose next token starts a new block gets one now, and a
+        #    fork about to write into a block it shares gets a copy; when no block is free, preempt the newest.
         preempted = False
         for req_id in manager.blocks_due():
             while not manager.free_blocks and req_id in manager.blocks:
-                victim = running.pop()
-                manager.free(victim.id)
-                used_tokens -= len(victim.tokens) - 1
-                waiting.appendleft(victim)
-                stats["preemptions"] += 1
+                preempt(running[-1])
                 preempted = True
             if req_id in manager.blocks:
                 manager.append_block(req_id)
-        # 2. Admit waiting requests, oldest first, while their tokens and the one this step writes fit;
-        #    but not right after a preemption, which would only hand back the blocks just taken.
+        make_copies()
+        # 2. Admit waiting requests, oldest first, while their tokens and the one this step writes fit, less
+        #    the blocks of them the cache holds already; but not right after a preemption, which would only
+        #    hand back the blocks just taken.
         admitted = []
-        while waiting and not preempted and manager.can_allocate(len(waiting[0].tokens) + 1):
-            req = waiting.popleft()
-            req.cache_row = manager.allocate(req.id, len(req.tokens) + 1)
-            admitted.append(req)
+        while waiting and not preempted:
+            req = waiting[0]
+            # The tokens its prefill (or swap-in) writes, and its decode token, unless it starts a --samples or
+            # --beams group: that decodes from the next step on, with its forks.
+            written = req.tokens[:-1] if req.id in swapped else req.tokens
+            need = len(written) + (not (args.beams or req.id in siblings))
+            hit = manager.cached_tokens(written)
+            if not manager.can_allocate(need - hit):
+                break
+            waiting.popleft()
+            req.cache_row = manager.allocate(req.id, need, written)
+            stats["prefix_hit_tokens"] += hit
+            admitted.append((req, hit))
         if not running and not admitted:
             fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
-                 f"{waiting[0].id}, which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}")
+                 f"{waiting[0].id}, " + (f"searching with {args.beams} beams" if args.beams else
+                                         f"which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}"))
         tables = [manager.batch_block_table(torch.tensor([r.cache_row], device=device),
-                                            manager.blocks_for(len(r.tokens))) for r in admitted]
+                                            manager.blocks_for(len(r.tokens))) for r, _ in admitted]
         stats["manager_seconds"] += time.perf_counter() - t0
 
-        # 3. Prefill each admitted request whole: its prompt (after a preemption, its prompt and what it
-        #    had generated) goes through the model in one pass, filling its blocks and giving its next token.
-        for req, table in zip(admitted, tables):
-            tokens = torch.tensor([req.tokens], device=device)
-            logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=device), kv_cache, block_table=table)
-            used_tokens += len(req.tokens)
-            append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
-            running.append(req)
+        # 3. Prefill each admitted request whole: its prompt (after a preemption, its prompt and what it had
+        #    generated), less the blocks it found in the cache, goes through the model in one pass, filling its
+        #    blocks and giving its next token. A request swapped out gets its K and V back instead.
+        for (req, hit), table in zip(admitted, tables):
+            if req.id in swapped:
+                first = hit // manager.block_size
+                for cache, saved in zip(kv_cache, swapped.pop(req.id)):
+                    cache[:, manager.blocks[req.id][first:saved.shape[1]]] = saved[:, first:].to(device)
+                    stats["swapped_bytes"] += saved[:, first:].nbytes
+                running.append(req)
+                continue
+            starts_group = bool(args.beams) or req.id in siblings  # decodes from the next step, with its forks
+            tokens = torch.tensor([req.tokens[hit:]], device=device)
+            cache_seqlens = torch.tensor([hit], dtype=torch.int32, device=device)
+            logits = forward(model, tokens, cache_seqlens, kv_cache, block_table=table)
+            if args.beams:  # the best first tokens start the beams
+                beams[req.id], score[req.id], root_of[req.id] = [req], 0.0, req
+                extend_beams(req, logits)
+            else:  # with --samples, each sample draws its own first token
+                family = [req, *siblings.pop(req.id, [])]
+                for r, token in zip(family, pick_tokens(logits.expand(len(family), -1), family, args)):
+                    append_token(r, token, stop_ids, args.max_seq_len)
+                forks += [(req, r) for r in family[1:] if not r.done]
+            (joining if starts_group else running).append(req)
 
         # 4. One decode step for every running request, in one batch.
         batch = [r for r in running if not r.done]
@@ -432,22 +667,43 @@ def generate(model, requests, kv_cache, manager, args, stop_ids, device):
             table = manager.batch_block_table(rows, width)  # (batch, width)
             stats["manager_seconds"] += time.perf_counter() - t0
             logits = forward(model, tokens, cache_seqlens, kv_cache, block_table=table)
-            for req, token in zip(batch, logits.argmax(-1).tolist()):
-                append_token(req, token, stop_ids, args.max_seq_len)
-            used_tokens += len(batch)
+            if args.beams:  # each prompt keeps its best beams
+                row = {r.id: i for i, r in enumerate(batch)}
+                dropped = set()
+                for root in {root_of[r.id].id: root_of[r.id] for r in batch}.values():
+                    dropped |= extend_beams(root, logits[[row[b.id] for b in beams[root.id] if not b.done]])
+                running = [r for r in running if r.id not in dropped]
+            else:
+                for req, token in zip(batch, pick_tokens(logits, batch, args)):
+                    append_token(req, token, stop_ids, args.max_seq_len)
             stats["decode_steps"] += 1
-            record_memory(stats, (manager.num_blocks - len(manager.free_blocks)) * manager.block_size, used_tokens)
+            # Tokens held: each request's but its newest, less those in shared blocks counted more than once
+            # (all full blocks). Without sharing, the same requests would reserve `shared` blocks more.
+            reserved = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
+            saved = manager.shared * manager.block_size
+            record_memory(stats, reserved, sum(len(r.tokens) - 1 for r in running + joining) - saved)
+            stats["shared_blocks_peak"] = max(stats["shared_blocks_peak"], manager.shared)
+            stats["peak_unshared_tokens"] = max(stats["peak_unshared_tokens"], reserved + saved)
             show_progress(stats, len(running), len(waiting))
 
-        # 5. Finished requests give all their blocks back at once, and the batch shrinks.
+        # 5. Forks join, sharing their parent's blocks, right after it: a prompt's sequences stay together,
+        #    in admission order, so the newest prompt's are preempted first. Finished requests give all their
+        #    blocks back at once (a shared one stays with its other holders), and the batch shrinks.
+        t0 = time.perf_counter()
+        children = defaultdict(list)
+        for parent, child in forks:
+            child.cache_row = manager.fork(parent.id, child.id)
+            children[parent.id].append(child)
+        running = [r for parent in running + joining for r in (parent, *children[parent.id])]
+        joining, forks = [], []
         finished = [r for r in running if r.done]
         running = [r for r in running if not r.done]
-        t0 = time.perf_counter()
         for req in finished:
             manager.free(req.id)
         manager.end_step()
         stats["manager_seconds"] += time.perf_counter() - t0
-        used_tokens -= sum(len(r.tokens) - 1 for r in finished)
+    for root_id, group in beams.items():  # every beam has stopped: each prompt's answer is its best
+        root_of[root_id].tokens, root_of[root_id].done = list(max(group, key=lambda b: score[b.id]).tokens), True
     if len(manager.free_blocks) != manager.num_blocks:
         raise RuntimeError(f"{manager.num_blocks - len(manager.free_blocks)} KV blocks were never freed")
     stats.update(block_size=manager.block_size, num_blocks=manager.num_blocks)
@@ -495,7 +751,12 @@ def report(stats, name):
     if "block_size" in stats:
         lines += [f"block size:            {stats['block_size']} tokens",
                   f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
-                  f"preemptions:           {stats['preemptions']}"]
+                  f"preemptions:           {stats['preemptions']}",
+                  f"shared blocks:         {stats['shared_blocks_peak']} at the peak (peak KV reserved without sharing: "
+                  f"{stats['peak_unshared_tokens']} tokens)",
+                  f"prefix cache hits:     {stats['prefix_hit_tokens']} prompt tokens",
+                  f"copy-on-write copies:  {stats['cow_copies']} blocks",
+                  f"swapped:               {stats['swapped_bytes']} bytes (to host memory and back)"]
     per_step = 1e6 * stats["manager_seconds"] / max(1, stats["decode_steps"])
     lines.append(f"cache manager time:    {stats['manager_seconds']:.4f} s ({per_step:.1f} us per decode step)")
     print("\n".join(lines))
@@ -518,7 +779,7 @@ def main(argv=None):
     prompts = load_prompts(args.prompts, int(args.n), tokenizer)
     requests = []
     for i, (text, ref_length) in enumerate(prompts):
-        prompt_ids = encode_chat(tokenizer, text)
+        prompt_ids = encode_chat(tokenizer, text, args.system_prompt)
         if len(prompt_ids) >= args.max_seq_len:
             fail(f"prompt {i} has {len(prompt_ids)} tokens: no room to generate within "
                              f"--max-seq-len {args.max_seq_len}")
@@ -533,6 +794,7 @@ def main(argv=None):
     budget_tokens = kv_budget_tokens(args, model, device, dtype)
     try:
         kv_cache, manager = make_kv_cache(model, budget_tokens, args, device, dtype)
+        requests = with_samples(requests, args.samples)
         start = time.perf_counter()
         stats = generate(model, requests, kv_cache, manager, args, stop_ids, device)
     except torch.cuda.OutOfMemoryError as e:

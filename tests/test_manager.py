@@ -12,11 +12,15 @@ One decode step, as generate() runs it:
 The driver below keeps its own count of each running request's tokens and checks the manager against it
 after every step. A request's blocks are read from the device block table (what the kernel sees) as well
 as from manager.blocks, the attribute generate() itself consults.
+
+SharingDriver, further down, adds what --samples, --beams and prefix sharing do: fork(parent, child) at the
+end of a step, copy-on-write copies (take_copies) before the writes, and allocate(..., token_ids) finding
+blocks already in the cache; it checks ref counts and the tokens each request reads back through its blocks.
 """
 import math
 import random
 import sys
-from argparse import Namespace
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -357,6 +361,11 @@ def fake_forward(block_size, checks):
     return forward
 
 
+def generate_args(max_seq_len):
+    """The options generate() reads, at their defaults (no sharing flags, greedy, recompute on preemption)."""
+    return paged.parse_args(["1", "--max-seq-len", str(max_seq_len)])
+
+
 GENERATE_PREEMPTIONS = {}  # seed -> stats["preemptions"], for test_generate_with_fake_model_preempts
 
 
@@ -378,7 +387,7 @@ def test_generate_with_fake_model(seed, monkeypatch):
     model = {"vocab_size": num_requests * TOKEN_SPAN}
     manager = KVCacheManager(num_blocks, block_size, need_most, "cpu")
     pool = torch.full((num_blocks, block_size), -1, dtype=torch.int64)
-    args = Namespace(max_seq_len=max_seq_len)
+    args = generate_args(max_seq_len)
 
     stats = paged.generate(model, requests, (pool, pool), manager, args, stop_ids=set(), device=torch.device("cpu"))
 
@@ -405,6 +414,311 @@ def test_generate_request_outgrows_pool(monkeypatch):
     pool = torch.full((3, 4), -1, dtype=torch.int64)
     requests = [paged.Request(0, [0, 1], 20, [0, 1])]
     with pytest.raises(SystemExit, match="cannot hold request 0, which needs 4"):
-        paged.generate({"vocab_size": TOKEN_SPAN}, requests, (pool, pool), manager, Namespace(max_seq_len=64),
+        paged.generate({"vocab_size": TOKEN_SPAN}, requests, (pool, pool), manager, generate_args(64),
                        stop_ids=set(), device=torch.device("cpu"))
     assert requests[0].tokens == list(range(13))  # 12 tokens cached, the 13th found no room
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing: forks (--samples, --beams) with copy-on-write, and prefix sharing, under random operations.
+
+class SharingDriver:
+    """A model-free stand-in for generate() with forks and prefix sharing, checked against a pool of token values.
+
+    Each running request has its token values (the newest one not yet in the cache, as in generate()) and a
+    count of those written. The pool holds one value per slot; the driver writes every token through the
+    manager's blocks and applies its copy-on-write copies, then checks that every request reads back exactly
+    its own tokens, that no request ever writes into a block another one holds, and that ref_count counts
+    the requests holding each block. Prompts are drawn from a few templates so that prefixes repeat.
+    """
+
+    def __init__(self, rng, num_blocks, block_size, max_seq_len, width):
+        self.rng, self.block_size, self.max_seq_len, self.width = rng, block_size, max_seq_len, width
+        self.m = KVCacheManager(num_blocks, block_size, math.ceil(max_seq_len / block_size), "cpu",
+                                num_rows=num_blocks * width, share_prefixes=True)
+        self.pool = [[None] * block_size for _ in range(num_blocks)]
+        self.templates = [[rng.randrange(3) for _ in range(max_seq_len)] for _ in range(3)]
+        self.seq = {}        # running id -> its tokens; all but the newest are in the cache by the step's end
+        self.order = []      # running ids, oldest admission first
+        self.waiting = {}    # preempted id -> (its tokens, values saved to the host if it was swapped out, or None)
+        self.forked = set()  # ids forked at the end of the last step: due in this one
+        self.next_id = 0
+        self.events = Counter()
+
+    def written(self, req_id):
+        return len(self.seq[req_id]) - 1
+
+    def read(self, req_id, position):
+        block = self.m.blocks[req_id][position // self.block_size]
+        return self.pool[block][position % self.block_size]
+
+    def write(self, req_id, position):
+        block = self.m.blocks[req_id][position // self.block_size]
+        assert self.m.ref_count[block] == 1, (f"step {self.m.step}: request {req_id} writes position {position} into "
+                                              f"block {block}, which {self.m.ref_count[block]} requests hold")
+        self.pool[block][position % self.block_size] = self.seq[req_id][position]
+
+    def make_copies(self):
+        """The copy-on-write copies, all at once as generate() makes them: every source is read before any block
+        is written. A source may have been freed since (its other holder was preempted): nothing wrote into it."""
+        dst, src = self.m.take_copies()
+        assert len(set(dst)) == len(dst) and all(self.m.ref_count[d] == 1 for d in dst), "a copy into a block not its own"
+        for d, values in zip(dst, [list(self.pool[s]) for s in src]):
+            self.pool[d] = values
+        self.events["copies"] += len(dst)
+        self.events["copy_from_freed"] += sum(self.m.ref_count[s] == 0 for s in src)
+
+    def release(self, req_id, preempt=False):
+        if preempt and self.rng.random() < 0.5:  # swapped out: its values go to the host (copies made first)
+            self.make_copies()
+            saved = [self.read(req_id, p) for p in range(self.written(req_id))]
+            self.events["swapped"] += 1
+        else:
+            saved = None
+        self.m.free(req_id)
+        tokens = self.seq.pop(req_id)
+        self.order.remove(req_id)
+        self.forked.discard(req_id)
+        if preempt:
+            self.waiting[req_id] = (tokens, saved)
+            self.events["preempted"] += 1
+
+    def admit(self, req_id, tokens, saved, group):
+        """As generate() step 2-3: allocate (sharing cached blocks), then prefill or swap in what is not shared."""
+        m = self.m
+        cached_ids = tokens[:-1] if saved is not None else tokens
+        need = len(cached_ids) + (not group)
+        hit = m.cached_tokens(cached_ids)
+        assert hit % self.block_size == 0 and hit < max(1, len(cached_ids))
+        if not m.can_allocate(need - hit):
+            return False
+        free_before = len(m.free_blocks)
+        row = m.allocate(req_id, need, cached_ids)
+        assert free_before - len(m.free_blocks) == m.blocks_for(need) - hit // self.block_size
+        assert row not in [m.rows[r] for r in self.order], f"row {row} handed to request {req_id} is still in use"
+        self.seq[req_id] = list(cached_ids)
+        for p in range(hit):  # the shared blocks already hold this request's tokens
+            assert self.read(req_id, p) == tokens[p], f"prefix hit for request {req_id} reads wrong token at {p}"
+        for p in range(hit, len(cached_ids)):
+            if saved is not None:
+                self.pool[m.blocks[req_id][p // self.block_size]][p % self.block_size] = saved[p]
+            else:
+                self.write(req_id, p)
+        self.seq[req_id] = list(tokens) if saved is not None else list(tokens) + [self.rng.randrange(3)]
+        self.order.append(req_id)
+        self.events["prefix_hit_tokens"] += hit
+        return True
+
+    def fork(self, parent):
+        child, self.next_id = self.next_id, self.next_id + 1
+        self.m.fork(parent, child)
+        self.seq[child] = self.seq[parent][:-1] + [self.rng.randrange(3)]
+        self.order.append(child)
+        self.forked.add(child)
+        self.events["forked"] += 1
+
+    def step(self):
+        rng, m = self.rng, self.m
+        for req_id in list(self.order):
+            if rng.random() < 0.03:
+                self.release(req_id)
+        # 1. Due: the requests whose token of this step starts a block, and every fork of the last step.
+        due = m.blocks_due()
+        assert len(due) == len(set(due)), f"step {m.step}: a request is due twice: {due}"
+        expected = {r for r in self.order if self.written(r) % self.block_size == 0} | self.forked
+        assert set(due) == expected, f"step {m.step}: blocks_due() returned {sorted(due)}, expected {sorted(expected)}"
+        self.forked = set()
+        preempted = False
+        for req_id in due:
+            while not m.free_blocks and req_id in self.seq:
+                victim = self.order[-1] if rng.random() < 0.8 else rng.choice(self.order)
+                self.release(victim, preempt=True)
+                preempted = True
+            if req_id in self.seq:
+                m.append_block(req_id)
+        self.make_copies()
+        # 2-3. Admissions: preempted requests come back (recomputed or swapped in), new prompts arrive, some of
+        #      them the root of a group that decodes from the next step on, with its forks.
+        joining = []
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            if preempted:
+                break
+            if self.waiting and rng.random() < 0.5:
+                req_id = rng.choice(sorted(self.waiting))
+                (tokens, saved), group = self.waiting[req_id], False
+            else:
+                template = rng.choice(self.templates)
+                tokens = template[:rng.randint(1, self.max_seq_len // 2)]
+                if rng.random() < 0.3:  # the same beginning, then something else
+                    tokens = tokens + [3]
+                req_id, self.next_id, saved, group = self.next_id, self.next_id + 1, None, rng.random() < 0.3
+            if self.admit(req_id, tokens, saved, group):
+                if self.waiting.pop(req_id, None) is not None:
+                    self.events["readmitted"] += 1
+                if group:
+                    self.order.remove(req_id)
+                    joining.append(req_id)
+        # 4. Every running request writes one token (those admitted now have written theirs, but for that one).
+        for req_id in self.order:
+            self.write(req_id, self.written(req_id))
+            self.seq[req_id].append(rng.randrange(3))
+        self.order += joining
+        self.check()
+        # 5. Forks: a group's root forks the group's other members from its prompt; a running request (a beam)
+        #    forks new beams from all it holds.
+        for root in joining:
+            for _ in range(rng.randrange(self.width)):
+                self.fork(root)
+        for parent in list(self.order):
+            if rng.random() < 0.08 and parent not in self.forked:
+                for _ in range(rng.randrange(1, self.width)):
+                    self.fork(parent)
+        for req_id in list(self.order):
+            if self.written(req_id) + 1 >= self.max_seq_len or rng.random() < 0.03:
+                self.release(req_id)
+        self.check()
+        m.end_step()
+
+    def check(self):
+        m, held = self.m, Counter()
+        for req_id in self.order:
+            held.update(m.blocks[req_id])
+            assert len(m.blocks[req_id]) == math.ceil(self.written(req_id) / self.block_size) or req_id in self.forked
+            for p in range(self.written(req_id)):
+                assert self.read(req_id, p) == self.seq[req_id][p], (
+                    f"step {m.step}: request {req_id} position {p} reads {self.read(req_id, p)}, "
+                    f"wrote {self.seq[req_id][p]}")
+        free = list(m.free_blocks)
+        assert len(free) == len(set(free)), "a block is free twice"
+        assert sorted(free) == [b for b in range(m.num_blocks) if not held[b]], "a held block is free, or one leaked"
+        assert m.ref_count == [held[b] for b in range(m.num_blocks)], "ref_count is not the number of holders"
+        assert m.shared == sum(n - 1 for n in held.values())
+        for (previous, tokens), block in m.prefix.items():  # the cache's index lists only held blocks, correctly
+            assert held[block] and m.prefix_key[block] == (previous, tokens)
+            assert self.pool[block] == list(tokens), f"block {block} is listed with tokens {tokens}, holds {self.pool[block]}"
+        assert len(m.prefix_key) == len(m.prefix)
+        assert len({m.rows[r] for r in self.order}) == len(self.order), "a row is shared"
+        if self.order:  # the device table the kernel reads agrees
+            rows = torch.tensor([m.rows[r] for r in self.order], dtype=torch.int32)
+            table = m.batch_block_table(rows, max(len(m.blocks[r]) for r in self.order)).tolist()
+            assert all(row[:len(m.blocks[r])] == m.blocks[r] for row, r in zip(table, self.order))
+
+    def drain(self):
+        m = self.m
+        for req_id in list(self.order):
+            self.release(req_id)
+        assert sorted(m.free_blocks) == list(range(m.num_blocks)) and m.ref_count == [0] * m.num_blocks
+        assert m.shared == 0 and not m.prefix and not m.prefix_key and not m.copies
+        assert not m.blocks and not m.rows and not m.start and not m.due_step and not any(m.due.values())
+        assert sorted(m.free_rows) == list(range(m.num_blocks * self.width)), "rows leaked or freed twice"
+
+
+SHARING_EVENTS = {}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_operations_with_sharing(seed):
+    rng = random.Random(seed)
+    block_size = [1, 2, 3, 4, 16][seed % 5]
+    num_blocks = rng.randint(3, 14)
+    max_seq_len = rng.randint(num_blocks * block_size // 2 + 2, num_blocks * block_size + 1)
+    driver = SharingDriver(rng, num_blocks, block_size, max_seq_len, width=rng.choice([2, 3, 4]))
+    for _ in range(120):
+        driver.step()
+    driver.drain()
+    SHARING_EVENTS[seed] = driver.events
+
+
+def test_random_operations_with_sharing_cover():
+    """Across the seeds: forks, copies, prefix hits, preemptions, swap-ins and re-admissions all happened, often."""
+    if len(SHARING_EVENTS) < 40:
+        pytest.skip("needs every test_random_operations_with_sharing case to run first")
+    totals = sum(SHARING_EVENTS.values(), Counter())
+    for event in ("forked", "copies", "prefix_hit_tokens", "preempted", "swapped", "readmitted"):
+        assert totals[event] > 50, totals
+    assert sum(e["copies"] > 0 for e in SHARING_EVENTS.values()) > 30, "most seeds should copy on write"
+
+
+def test_fork_copy_on_write_and_ref_counts():
+    """block_size 4: a prompt of 6 tokens forked twice, as --samples 3 does. The forks copy the shared, partly
+    filled block before their first write into it; the full block stays shared; a block goes back to the free
+    list only when its last holder lets go."""
+    m = KVCacheManager(num_blocks=8, block_size=4, max_blocks_per_seq=4, device="cpu", num_rows=24)
+    m.allocate("p", 6)    # step 0: a group's root, prefilled; it decodes from step 1 on, with its forks
+    full, partial = m.blocks["p"]
+    m.fork("p", "a")   # end of step 0: two samples share both blocks
+    m.fork("p", "b")
+    assert m.ref_count[full] == m.ref_count[partial] == 3 and m.shared == 4 and len(m.free_blocks) == 6
+    m.end_step()
+    assert sorted(m.blocks_due()) == ["a", "b"]  # step 1: all three write token 6 into the partial block
+    m.append_block("a")
+    m.append_block("b")
+    dst, src = m.take_copies()
+    assert src == [partial, partial] and len(set(dst)) == 2 and partial not in dst
+    assert m.blocks["a"] == [full, dst[0]] and m.blocks["b"] == [full, dst[1]] and m.blocks["p"] == [full, partial]
+    assert m.ref_count[full] == 3 and m.ref_count[partial] == 1 and m.shared == 2
+    table = m.batch_block_table(torch.tensor([m.rows[r] for r in "pab"]), 2).tolist()
+    assert table == [m.blocks[r] for r in "pab"]
+    m.free("p")           # the root finishes: its partial block goes back, the full one stays with the forks
+    assert partial in m.free_blocks and full not in m.free_blocks and m.ref_count[full] == 2 and m.shared == 1
+    m.end_step()
+    assert m.blocks_due() == []                  # step 2: token 7 fills the second block
+    m.end_step()
+    assert sorted(m.blocks_due()) == ["a", "b"]  # step 3: token 8 starts a third block; nothing to copy
+    m.append_block("a")
+    m.append_block("b")
+    assert m.take_copies() == ([], []) and len(m.blocks["a"]) == len(m.blocks["b"]) == 3
+    m.free("a")
+    assert full not in m.free_blocks and m.ref_count[full] == 1 and m.shared == 0
+    m.free("b")
+    assert sorted(m.free_blocks) == list(range(8)) and m.ref_count == [0] * 8
+
+
+def test_fork_after_block_boundary_shares_only_full_blocks():
+    """A beam forked when its tokens fill their blocks exactly shares them all and copies nothing: its next
+    token starts a block of its own."""
+    m = KVCacheManager(num_blocks=8, block_size=4, max_blocks_per_seq=4, device="cpu", num_rows=16)
+    m.allocate("p", 8)    # step 0: prefill 7, decode 1: two full blocks, due at step 1
+    m.fork("p", "c")   # end of step 0
+    m.end_step()
+    assert sorted(m.blocks_due()) == ["c", "p"]
+    m.append_block("p")
+    m.append_block("c")
+    assert m.take_copies() == ([], [])
+    assert m.blocks["p"][:2] == m.blocks["c"][:2] and m.blocks["p"][2] != m.blocks["c"][2]
+    assert m.shared == 2
+    m.free("p")
+    m.free("c")
+    assert sorted(m.free_blocks) == list(range(8))
+
+
+def test_prefix_sharing_reuses_full_blocks_only():
+    """Full blocks of a prompt that match, with everything before them, a block in the cache are shared; the
+    block holding the prompt's last token never is (its prefill gives the next token); a block leaves the
+    index when it goes back to the free list."""
+    m = KVCacheManager(num_blocks=10, block_size=4, max_blocks_per_seq=4, device="cpu", share_prefixes=True)
+    system = [1, 2, 3, 4, 5, 6, 7, 8, 9]           # two full blocks and one token more
+    assert m.cached_tokens(system + [10]) == 0
+    m.allocate("a", 11, system + [10])              # prefill 10 tokens, decode 1: 3 blocks, 2 of them full
+    a = list(m.blocks["a"])
+    assert m.cached_tokens(system + [11, 12]) == 8
+    assert m.cached_tokens(system[:8]) == 4          # its last token's block is computed, not shared
+    assert m.cached_tokens([1, 2, 3, 4, 0, 6, 7, 8, 9]) == 4
+    assert m.cached_tokens([0, 2, 3, 4, 5, 6, 7, 8, 9]) == 0
+    free_before = len(m.free_blocks)
+    m.allocate("b", 12, system + [11, 12])          # 3 blocks, 2 of them shared
+    assert m.blocks["b"][:2] == a[:2] and free_before - len(m.free_blocks) == 1
+    assert [m.ref_count[x] for x in a] == [2, 2, 1] and m.shared == 2
+    m.free("a")
+    assert a[2] in m.free_blocks and a[0] not in m.free_blocks and m.cached_tokens(system + [10]) == 8
+    m.free("b")
+    assert m.cached_tokens(system + [10]) == 0 and not m.prefix and not m.prefix_key
+    assert sorted(m.free_blocks) == list(range(10)) and m.shared == 0
+
+
+def test_no_prefix_sharing_without_the_flag():
+    m = KVCacheManager(num_blocks=10, block_size=4, max_blocks_per_seq=4, device="cpu")
+    m.allocate("a", 11, list(range(10)))
+    assert m.cached_tokens(list(range(12))) == 0
+    m.allocate("b", 13, list(range(12)))
+    assert not set(m.blocks["a"]) & set(m.blocks["b"])
