@@ -1,0 +1,159 @@
+"""How much KV memory does each cache reserve, step by step, against the tokens it actually holds?
+
+Runs llama3-naive.py and llama3-paged.py on the same requests (default: the first 7 shipped prompts,
+--ref-lengths, the scripts' default KV budget, the tiny checkpoint) and plots both --json timelines:
+KV reserved (filled) and KV holding tokens (line) after every decode step, with the budget as a line.
+
+    python tools/plot_memory.py                                   # ~1 min on 2 CPU cores
+    python tools/plot_memory.py --naive-json n.json --paged-json p.json   # plot runs you already have
+
+Writes docs/memory_timeline.png (needs matplotlib: pip install -r tools/requirements.txt).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import common
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        common.fail(message)
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=7, help="requests: the first N prompts (default 7, naive's most)")
+    p.add_argument("--ckpt-dir", default=str(common.DEFAULT_CKPT), help="checkpoint for the runs")
+    p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default)")
+    p.add_argument("--max-seq-len", type=int, default=common.DEFAULT_MAX_SEQ_LEN)
+    p.add_argument("--block-size", type=int, default=16, help="paged block size (default 16, the CPU default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--naive-json", help="a llama3-naive.py --json file to plot instead of running it")
+    p.add_argument("--paged-json", help="a llama3-paged.py --json file to plot instead of running it")
+    p.add_argument("--out", default=str(common.ROOT / "docs" / "memory_timeline.png"), help="figure to write")
+    args = p.parse_args(argv)
+    for name in ("n", "budget_tokens", "block_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            common.fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.max_seq_len < 2:
+        common.fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    common.check_out(args.out)
+    return args
+
+
+def read_json(path, script):
+    try:
+        data = json.loads(Path(path).read_text())
+        data["stats"]["kv_budget_tokens"], data["timeline"]["reserved_tokens"], data["timeline"]["used_tokens"]
+        [r["prompt_ids"] for r in data["requests"]]
+    except OSError as e:
+        common.fail(f"cannot read {path}: {e.strerror}")
+    except (ValueError, KeyError, TypeError):
+        common.fail(f"{path} is not the --json output of {script}")
+    return data
+
+
+def get_run(name, path, args, budget):
+    if path:
+        return read_json(path, common.SCRIPTS[name].name)
+    if not (Path(args.ckpt_dir) / "params.json").is_file():
+        common.fail(f"no checkpoint in {args.ckpt_dir}: make one with python tools/make_checkpoint.py {args.ckpt_dir}")
+    print(f"running {common.SCRIPTS[name].name} {args.n} --ref-lengths (budget {budget:,} tokens)", flush=True)
+    run = common.run_script(name, args.n, args.ckpt_dir, budget, args.max_seq_len, args.threads,
+                            block_size=args.block_size if name == "paged" else None)
+    if run["json"] is None:
+        common.fail(f"{common.SCRIPTS[name].name} {args.n} failed: {run['stderr']}")
+    print(f"  {run['seconds']:.0f} s")
+    return run["json"]
+
+
+def plot(naive, paged, out, source):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        common.fail("matplotlib is not installed: pip install -r tools/requirements.txt")
+    n = len(naive["requests"])
+    fig, axes = plt.subplots(2, 1, figsize=(11, 8), sharex=True, sharey=True)
+    tokens_to_gb = lambda t: t * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9
+    gb_to_tokens = lambda g: g * 1e9 / common.LLAMA3_8B_KV_BYTES_PER_TOKEN
+    for ax, data, name, color in ((axes[0], naive, "naive", "tab:red"), (axes[1], paged, "paged", "tab:blue")):
+        reserved, used = data["timeline"]["reserved_tokens"], data["timeline"]["used_tokens"]
+        stats = data["stats"]
+        steps = range(1, len(reserved) + 1)
+        budget = stats["kv_budget_tokens"]
+        ax.fill_between(steps, reserved, color=color, alpha=0.25, lw=0, label="KV reserved")
+        ax.plot(steps, reserved, color=color, lw=1)
+        ax.plot(steps, used, color="black", lw=1.6, label="KV holding tokens")
+        ax.axhline(budget, color="gray", ls="--", lw=1.2, label=f"KV budget ({budget:,} tokens)")
+        peak_used = stats["peak_used_tokens"]
+        idle = stats["reserved_at_peak_use"] - peak_used
+        share = 100 * idle / max(1, stats["reserved_at_peak_use"])
+        if name == "naive":
+            what = (f"naive: {n} requests x {stats['peak_reserved_tokens'] // n:,} tokens reserved up front "
+                    f"= {stats['peak_reserved_tokens']:,}, for the whole run")
+        else:
+            what = (f"paged (block {stats['block_size']}): blocks taken as tokens arrive, given back when a request "
+                    f"ends; peak reserved {stats['peak_reserved_tokens']:,}")
+        ax.set_title(what, fontsize=10, loc="left")
+        free = budget - stats["reserved_at_peak_use"]
+        ax.text(0.99, 0.62, f"most tokens held: {peak_used:,}\nreserved then but empty: {idle:,} ({share:.1f}%)\n"
+                f"budget left then for other requests: {free:,}",
+                transform=ax.transAxes, ha="right", va="top", fontsize=9,
+                bbox=dict(facecolor="white", edgecolor="lightgray"))
+        ax.set_ylabel("KV tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(0.01, 0.55), fontsize=9)
+        sec = ax.secondary_yaxis("right", functions=(tokens_to_gb, gb_to_tokens))
+        sec.set_ylabel("GB if this were Llama-3-8B\n(128 KiB per token)", fontsize=8)
+        if name == "paged":  # a zoom: on the shared scale the paged curves hug zero
+            inset = ax.inset_axes([0.34, 0.2, 0.3, 0.5])
+            inset.fill_between(steps, reserved, color=color, alpha=0.25, lw=0)
+            inset.plot(steps, reserved, color=color, lw=1)
+            inset.plot(steps, used, color="black", lw=1.2)
+            inset.set_ylim(0, max(reserved) * 1.1)
+            inset.set_title("zoom: same paged run", fontsize=8)
+            inset.tick_params(labelsize=7)
+            inset.grid(alpha=0.3)
+    axes[0].set_ylim(0, max(naive["stats"]["kv_budget_tokens"], paged["stats"]["kv_budget_tokens"]) * 1.12)
+    axes[1].set_xlabel("decode step")
+    fig.suptitle(f"KV cache reserved vs. holding tokens: the same {n} requests, same budget\n{source}", fontsize=11)
+    fig.tight_layout()
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        common.fail(f"cannot write {out}: {e.strerror or e}")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = args.budget_tokens or common.load_script("paged").CPU_KV_BUDGET_TOKENS
+    given = {name: read_json(path, common.SCRIPTS[name].name) for name, path in
+             (("naive", args.naive_json), ("paged", args.paged_json)) if path}  # check them before any run
+    naive = given.get("naive") or get_run("naive", None, args, budget)
+    paged = given.get("paged") or get_run("paged", None, args, budget)
+    if [r["prompt_ids"] for r in naive["requests"]] != [r["prompt_ids"] for r in paged["requests"]]:
+        common.fail("the naive and paged runs are not of the same requests")
+    if naive["stats"]["kv_budget_tokens"] != paged["stats"]["kv_budget_tokens"]:
+        common.fail("the naive and paged runs had different KV budgets")
+    if given:
+        source = "From the given --json runs: " + ", ".join(f"{name} {path}" for name, path in
+                                                            (("naive", args.naive_json), ("paged", args.paged_json)) if path)
+    else:
+        source = (f"Real --json runs of both scripts: checkpoint {Path(args.ckpt_dir).name}, the first {args.n} shipped "
+                  f"ShareGPT prompts, --ref-lengths\n(token counts, hence these curves, don't depend on the weights)")
+    plot(naive, paged, args.out, source)
+    for name, data in (("naive", naive), ("paged", paged)):
+        s = data["stats"]
+        print(f"{name}: {s['requests']} requests, {s['decode_steps']} decode steps, peak reserved {s['peak_reserved_tokens']:,}, "
+              f"peak holding {s['peak_used_tokens']:,} tokens, budget {s['kv_budget_tokens']:,}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
