@@ -80,14 +80,17 @@ def load_tokenizer(path):
     return tiktoken.Encoding(path.name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def encode_chat(tokenizer, user_message):
-    """One user turn in Llama 3's chat format, ending with the header that asks the assistant to answer."""
+def encode_chat(tokenizer, user_message, system_message=None):
+    """One user turn in Llama 3's chat format (after a system turn, if given), ending with the header that asks
+    the assistant to answer."""
     special = tokenizer.encode_single_token
     def header(role):
         return [special("<|start_header_id|>"), *tokenizer.encode_ordinary(role), special("<|end_header_id|>"),
                 *tokenizer.encode_ordinary("\n\n")]
     # encode_ordinary: text that looks like a special token stays text, as the user typed it.
-    return [special("<|begin_of_text|>"), *header("user"), *tokenizer.encode_ordinary(user_message.strip()),
+    system = [*header("system"), *tokenizer.encode_ordinary(system_message.strip()),
+              special("<|eot_id|>")] if system_message else []
+    return [special("<|begin_of_text|>"), *system, *header("user"), *tokenizer.encode_ordinary(user_message.strip()),
             special("<|eot_id|>"), *header("assistant")]
 
 
@@ -377,7 +380,12 @@ def report(stats, name):
     if "block_size" in stats:
         lines += [f"block size:            {stats['block_size']} tokens",
                   f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
-                  f"preemptions:           {stats['preemptions']}"]
+                  f"preemptions:           {stats['preemptions']}",
+                  f"shared blocks:         {stats['shared_blocks_peak']} at the peak (peak KV reserved without sharing: "
+                  f"{stats['peak_unshared_tokens']} tokens)",
+                  f"prefix cache hits:     {stats['prefix_hit_tokens']} prompt tokens",
+                  f"copy-on-write copies:  {stats['cow_copies']} blocks",
+                  f"swapped:               {stats['swapped_bytes']} bytes (to host memory and back)"]
     per_step = 1e6 * stats["manager_seconds"] / max(1, stats["decode_steps"])
     lines.append(f"cache manager time:    {stats['manager_seconds']:.4f} s ({per_step:.1f} us per decode step)")
     print("\n".join(lines))

@@ -59,8 +59,8 @@ def parse_args(argv):
     p.add_argument("--json", metavar="PATH", help="write stats and every request's tokens to PATH")
     p.add_argument("--quiet", action="store_true", help="don't print the responses")
     p.add_argument("--system-prompt", metavar="TEXT", help="a system message before every request's user turn")
-    p.add_argument("--no-prefix-sharing", action="store_true",
-                   help="store every prompt's blocks itself, even those already in the cache")
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="reuse the full blocks of a prompt's start that the cache already holds")
     p.add_argument("--samples", type=int, default=1, help="samples per prompt, sharing the prompt's blocks")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
@@ -486,7 +486,7 @@ def make_kv_cache(model, budget_tokens, args, device, dtype):
     # S - 1 forks (B - 1 with beams), and every one of them needs a row of the block table.
     num_rows = num_blocks * max(args.samples, args.beams or 1)
     manager = KVCacheManager(num_blocks, args.block_size, -(-args.max_seq_len // args.block_size), device, num_rows,
-                             share_prefixes=not args.no_prefix_sharing)
+                             share_prefixes=args.prefix_sharing)
     return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)), manager
 
 

@@ -107,8 +107,8 @@ def test_sampling_is_reproducible_and_survives_preemption_by_swap_and_by_recompu
 
 
 def test_prefix_sharing_changes_no_token(tiny_ckpt, tmp_path):
-    shared, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM)
-    alone, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM, "--no-prefix-sharing")
+    shared, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM, "--prefix-sharing")
+    alone, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM)
     assert generated(shared) == generated(alone)
     prompts = [r["prompt_ids"] for r in shared["requests"]]
     tokenizer = paged.load_tokenizer(tiny_ckpt / "tokenizer.model")

@@ -133,7 +133,7 @@ def prompt_lengths(prompts=DEFAULT_PROMPTS, n=None, max_seq_len=DEFAULT_MAX_SEQ_
 
 def run_script(name, n, ckpt_dir, budget_tokens, max_seq_len, threads, prompts=None, block_size=None):
     """One real run of llama3-{name}.py on N prompts with --ref-lengths --quiet --json, torch limited to
-    `threads` threads (and --no-prefix-sharing where the paged script has that option, as the replays don't share). Returns {rc, stderr (its last line), stderr_lines, json (None when it failed),
+    `threads` threads. Returns {rc, stderr (its last line), stderr_lines, json (None when it failed),
     seconds (the whole process)}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
@@ -143,8 +143,6 @@ def run_script(name, n, ckpt_dir, budget_tokens, max_seq_len, threads, prompts=N
             cmd += ["--prompts", str(prompts)]
         if block_size:
             cmd += ["--block-size", str(block_size)]
-        if name == "paged" and "--no-prefix-sharing" in SCRIPTS[name].read_text():
-            cmd += ["--no-prefix-sharing"]  # the replays model the cache without prefix sharing
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         start = time.perf_counter()
         try:
