@@ -54,16 +54,20 @@ def test_paged_matches_naive_token_for_token(naive, tiny_ckpt, tmp_path, block_s
     assert paged["stats"]["preemptions"] == 0
 
 
-def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("preempt", ["recompute", "swap"])
+def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path, preempt):
     budget = 600  # tokens: one naive request of 384, or all six paged ones with a few preempted
     refused = run_script("llama3-naive.py", N, "--ckpt-dir", tiny_ckpt, "--kv-budget-tokens", budget, *COMMON)
     assert refused.returncode == 1
     assert "needs 6 x 384 = 2304 tokens" in refused.stderr and "budget is 600 tokens" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
-    paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, "--block-size", 16)
+    paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, "--block-size", 16,
+                        "--preempt", preempt)
     stats = paged["stats"]
     assert stats["preemptions"] > 0, "the budget is meant to force preemption"
+    # Swapped out, a request's K and V go to host memory and come back; recomputed, nothing is swapped.
+    assert (stats["swapped_bytes"] > 0) == (preempt == "swap")
     assert stats["finished"] == N and stats["peak_reserved_tokens"] <= budget
     assert generated(paged) == generated(naive[0])
 

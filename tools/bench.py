@@ -14,7 +14,7 @@ cost per decode step, and what throughput does that buy on this machine?
    consecutive slice of the prompts) and by paged in one run (admission as the script does it), on the
    tiny checkpoint; plus paged in naive's waves, to separate the batch size from the kernels' cost.
 
-    python tools/bench.py            # full: 61,688-token budget, max_seq_len 8192; ~15-20 min on 2 CPU cores
+    python tools/bench.py            # full: 61,691-token budget, max_seq_len 8192; ~15-20 min on 2 CPU cores
     python tools/bench.py --quick    # 8,192-token budget, max_seq_len 2048, fewer runs: ~3 min
 
 The tiny checkpoint comes from `python tools/make_checkpoint.py checkpoints/tiny`. Runs use one torch
@@ -42,7 +42,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced run: 8192-token budget, max_seq_len 2048, R 16")
-    p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default 61,688; 8,192 with --quick)")
+    p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default 61,691; 8,192 with --quick)")
     p.add_argument("--max-seq-len", type=int, help="per request (default 8192; 2048 with --quick)")
     p.add_argument("--requests", type=int, help="R for the throughput runs (default 70; 16 with --quick)")
     p.add_argument("--ckpt-dir", default=str(common.DEFAULT_CKPT), help="checkpoint for the real runs")

@@ -13,7 +13,7 @@ tokens as its reference answer), with no model, and reports per block size:
 next to naive (max_seq_len reserved per request up front), and then how many requests fit as the GPU
 grows. Everything depends only on token counts and the budget, not on the machine it runs on.
 
-    python tools/block_size_study.py            # shipped prompts, budget of a 24 GB card (61,688 tokens)
+    python tools/block_size_study.py            # shipped prompts, budget of a 24 GB card (61,691 tokens)
     python tools/block_size_study.py --budget-tokens 20000 --prompts my.json --out /tmp/study.png
 
 Prints the tables and writes docs/block_size_study.png (needs matplotlib: pip install -r tools/requirements.txt).
@@ -38,7 +38,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default, 61,688)")
+    p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default, 61,691)")
     p.add_argument("--prompts", default=str(common.DEFAULT_PROMPTS), help="ShareGPT-style JSON (default: the shipped set)")
     p.add_argument("--max-seq-len", type=int, default=common.DEFAULT_MAX_SEQ_LEN,
                    help="tokens per request: what naive reserves, and the cap on prompt + generated (default 8192)")
