@@ -13,6 +13,7 @@ import argparse
 import base64
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict, deque
@@ -28,6 +29,7 @@ try:
 except ImportError:
     flash_attn_with_kvcache = None
 
+MAX_SEQ_LEN_LIMIT = 131_072  # Llama 3.1's 128K context; Llama 3 was trained on 8192
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
 # The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside
 # Llama-3-8B's bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token. It holds
@@ -116,6 +118,20 @@ def load_prompts(path, n, tokenizer):
     if not prompts:
         fail(f"prompts file {path} has no usable prompt (expected ShareGPT entries with a human turn)")
     fail(f"asked for {n} requests but {path} has only {len(prompts)} usable prompts")
+
+
+def allocate_kv(shape, dtype, device):
+    """K and V, each of `shape`, zeroed; or one line saying the memory isn't there."""
+    num_bytes = 2 * math.prod(shape) * dtype.itemsize
+    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and num_bytes > ram_bytes:  # fail now, not after the machine starts swapping
+        fail(f"the KV cache would take {num_bytes / 1e9:.3g} GB, more than this machine's {ram_bytes / 1e9:.3g} GB "
+             f"of memory: lower --kv-budget-tokens")
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of GPU memory allocating the KV cache ({num_bytes / 1e9:.3g} GB), "
+             f"{torch.cuda.mem_get_info(device)[0] / 1e9:.3g} GB free")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +315,7 @@ def make_kv_cache(model, budget_tokens, num_requests, args, device, dtype):
         fail(f"the naive KV cache needs {num_requests} x {args.max_seq_len} = {needed} tokens ({gb(needed)}), "
              f"but the KV budget is {budget_tokens} tokens ({gb(budget_tokens)})")
     shape = (len(model["layers"]), num_requests, args.max_seq_len, model["n_kv_heads"], model["head_dim"])
-    try:
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-    except torch.cuda.OutOfMemoryError:
-        fail(f"out of GPU memory reserving the naive KV cache: {needed} tokens ({gb(needed)}), "
-             f"{torch.cuda.mem_get_info(device)[0] / 1e9:.3g} GB free")
+    return allocate_kv(shape, dtype, device)
 
 
 def generate(model, requests, kv_cache, args, stop_ids, device):
@@ -395,8 +407,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.n.isdigit() or int(args.n) < 1:
         fail(f"N must be a positive integer, got {args.n!r}")
-    if args.max_seq_len < 2:
-        fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if not 2 <= args.max_seq_len <= MAX_SEQ_LEN_LIMIT:
+        fail(f"--max-seq-len must be from 2 to {MAX_SEQ_LEN_LIMIT} (Llama 3.1's context), got {args.max_seq_len}")
     if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
         fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

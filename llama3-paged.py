@@ -14,6 +14,7 @@ import argparse
 import base64
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict, deque
@@ -29,6 +30,7 @@ try:
 except ImportError:
     flash_attn_with_kvcache = None
 
+MAX_SEQ_LEN_LIMIT = 131_072  # Llama 3.1's 128K context; Llama 3 was trained on 8192
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
 # The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside
 # Llama-3-8B's bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token. It holds
@@ -137,6 +139,20 @@ def load_prompts(path, n, tokenizer):
     if not prompts:
         fail(f"prompts file {path} has no usable prompt (expected ShareGPT entries with a human turn)")
     fail(f"asked for {n} requests but {path} has only {len(prompts)} usable prompts")
+
+
+def allocate_kv(shape, dtype, device):
+    """K and V, each of `shape`, zeroed; or one line saying the memory isn't there."""
+    num_bytes = 2 * math.prod(shape) * dtype.itemsize
+    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and num_bytes > ram_bytes:  # fail now, not after the machine starts swapping
+        fail(f"the KV cache would take {num_bytes / 1e9:.3g} GB, more than this machine's {ram_bytes / 1e9:.3g} GB "
+             f"of memory: lower --kv-budget-tokens")
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of GPU memory allocating the KV cache ({num_bytes / 1e9:.3g} GB), "
+             f"{torch.cuda.mem_get_info(device)[0] / 1e9:.3g} GB free")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +488,7 @@ class KVCacheManager:
         return previous, tuple(token_ids[j * self.block_size:(j + 1) * self.block_size])
 
 
-def make_kv_cache(model, budget_tokens, args, device, dtype):
+def make_kv_cache(model, budget_tokens, num_requests, args, device, dtype):
     """The pool: K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim)."""
     if args.block_size is None:
         args.block_size = 256 if model["kernel_name"] == "flash-attn" else 16
@@ -482,12 +498,13 @@ def make_kv_cache(model, budget_tokens, args, device, dtype):
         fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
     num_blocks = budget_tokens // args.block_size
     shape = (len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"])
-    # A fork holds no block of its own until its first write: for a step, each request that does may carry
-    # S - 1 forks (B - 1 with beams), and every one of them needs a row of the block table.
-    num_rows = num_blocks * max(args.samples, args.beams or 1)
+    kv_cache = allocate_kv(shape, dtype, device)
+    # A row of the block table for every sequence that can be running at once: each prompt's S samples
+    # (B beams), and no more prompts than there are blocks, since each one holds at least one.
+    num_rows = min(num_blocks, num_requests) * max(args.samples, args.beams or 1)
     manager = KVCacheManager(num_blocks, args.block_size, -(-args.max_seq_len // args.block_size), device, num_rows,
                              share_prefixes=args.prefix_sharing)
-    return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)), manager
+    return kv_cache, manager
 
 
 def with_samples(requests, samples):
@@ -766,8 +783,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.n.isdigit() or int(args.n) < 1:
         fail(f"N must be a positive integer, got {args.n!r}")
-    if args.max_seq_len < 2:
-        fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if not 2 <= args.max_seq_len <= MAX_SEQ_LEN_LIMIT:
+        fail(f"--max-seq-len must be from 2 to {MAX_SEQ_LEN_LIMIT} (Llama 3.1's context), got {args.max_seq_len}")
     if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
         fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -793,7 +810,7 @@ def main(argv=None):
     model["attention"], model["kernel_name"] = pick_attention(device)
     budget_tokens = kv_budget_tokens(args, model, device, dtype)
     try:
-        kv_cache, manager = make_kv_cache(model, budget_tokens, args, device, dtype)
+        kv_cache, manager = make_kv_cache(model, budget_tokens, len(requests), args, device, dtype)
         requests = with_samples(requests, args.samples)
         start = time.perf_counter()
         stats = generate(model, requests, kv_cache, manager, args, stop_ids, device)

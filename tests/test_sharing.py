@@ -175,7 +175,7 @@ def prompts(tiny_ckpt):
 
 
 def run_generate(model, requests, args, budget_tokens=4096, stop_ids=frozenset()):
-    kv_cache, manager = paged.make_kv_cache(model, budget_tokens, args, torch.device("cpu"), torch.float32)
+    kv_cache, manager = paged.make_kv_cache(model, budget_tokens, len(requests), args, torch.device("cpu"), torch.float32)
     stats = paged.generate(model, requests, kv_cache, manager, args, set(stop_ids), torch.device("cpu"))
     return stats, kv_cache, manager
 
@@ -204,7 +204,7 @@ def test_each_sample_caches_its_own_tokens(model, prompts):
         seen[req_id] = (kv_cache[0][:, blocks].flatten(1, 2)[:, :cached], kv_cache[1][:, blocks].flatten(1, 2)[:, :cached])
         free(req_id)
 
-    kv_cache, manager = paged.make_kv_cache(model, 4096, args, torch.device("cpu"), torch.float32)
+    kv_cache, manager = paged.make_kv_cache(model, 4096, len(requests), args, torch.device("cpu"), torch.float32)
     free, manager.free = manager.free, read_then_free
     stats = paged.generate(model, requests, kv_cache, manager, args, set(), torch.device("cpu"))
 
