@@ -432,11 +432,12 @@ class KVCacheManager:
     def batch_block_table(self, rows, width):
         """The block tables of the running requests, in batch order: (batch, width) int32 on the device."""
         if self.pending:  # one write per step, however many blocks were handed out
-            rows_cols = torch.tensor(list(self.pending), device=self.block_table.device)
-            blocks = torch.tensor(list(self.pending.values()), dtype=torch.int32, device=self.block_table.device)
-            self.block_table[rows_cols[:, 0], rows_cols[:, 1]] = blocks
+            columns = self.block_table.shape[1]
+            flat = [row * columns + column for row, column in self.pending] + list(self.pending.values())
+            flat = torch.tensor(flat, dtype=torch.int32, device=self.block_table.device)  # positions, then blocks
+            self.block_table.view(-1)[flat[:len(self.pending)]] = flat[len(self.pending):]
             self.pending.clear()
-        return self.block_table[rows, :width]
+        return self.block_table[:, :width].index_select(0, rows)
 
     def end_step(self):
         self.step += 1
@@ -646,8 +647,9 @@ def generate(model, requests, kv_cache, manager, args, stop_ids, device):
             fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
                  f"{waiting[0].id}, " + (f"searching with {args.beams} beams" if args.beams else
                                          f"which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}"))
-        tables = [manager.batch_block_table(torch.tensor([r.cache_row], device=device),
-                                            manager.blocks_for(len(r.tokens))) for r, _ in admitted]
+        # A prefill reads only its own blocks, so its table comes straight from the manager's list: (1, blocks).
+        tables = [torch.tensor([manager.blocks[r.id][:manager.blocks_for(len(r.tokens))]], dtype=torch.int32,
+                               device=device) for r, _ in admitted]
         stats["manager_seconds"] += time.perf_counter() - t0
 
         # 3. Prefill each admitted request whole: its prompt (after a preemption, its prompt and what it had
@@ -706,15 +708,18 @@ def generate(model, requests, kv_cache, manager, args, stop_ids, device):
         # 5. Forks join, sharing their parent's blocks, right after it: a prompt's sequences stay together,
         #    in admission order, so the newest prompt's are preempted first. Finished requests give all their
         #    blocks back at once (a shared one stays with its other holders), and the batch shrinks.
-        t0 = time.perf_counter()
-        children = defaultdict(list)
-        for parent, child in forks:
-            child.cache_row = manager.fork(parent.id, child.id)
-            children[parent.id].append(child)
-        running = [r for parent in running + joining for r in (parent, *children[parent.id])]
-        joining, forks = [], []
+        if forks or joining:
+            t0 = time.perf_counter()
+            children = defaultdict(list)
+            for parent, child in forks:
+                child.cache_row = manager.fork(parent.id, child.id)
+                children[parent.id].append(child)
+            stats["manager_seconds"] += time.perf_counter() - t0
+            running = [r for parent in running + joining for r in (parent, *children[parent.id])]
+            joining, forks = [], []
         finished = [r for r in running if r.done]
         running = [r for r in running if not r.done]
+        t0 = time.perf_counter()
         for req in finished:
             manager.free(req.id)
         manager.end_step()

@@ -169,7 +169,9 @@ def bookkeeping(lengths, block_size, running, steps, max_seq_len):
     import torch
     paged = common.load_script("paged")
     need = max(-(-(p + g) // block_size) for p, g in lengths)
-    manager = paged.KVCacheManager(running * (need + 1), block_size, -(-max_seq_len // block_size), torch.device("cpu"))
+    # As the script sizes it: a block-table row for every request that can run at once.
+    manager = paged.KVCacheManager(running * (need + 1), block_size, -(-max_seq_len // block_size), torch.device("cpu"),
+                                   num_rows=running)
     ntok, end, row = {}, {}, {}
     next_prompt, next_id = 0, 0
     warmup = steps
@@ -191,10 +193,9 @@ def bookkeeping(lengths, block_size, running, steps, max_seq_len):
             ntok[rid], end[rid] = p, p + g
             admitted.append(rid)
         spent_now = time.perf_counter() - t0
-        for rid in admitted:  # prefill: one block-table read per admitted request, as the script does
-            rows = torch.tensor([row[rid]])
+        for rid in admitted:  # prefill: each admitted request's own table, as the script builds it
             t0 = time.perf_counter()
-            manager.batch_block_table(rows, manager.blocks_for(ntok[rid]))
+            torch.tensor([manager.blocks[rid][:manager.blocks_for(ntok[rid])]], dtype=torch.int32)
             spent_now += time.perf_counter() - t0
             ntok[rid] += 1
         batch = [rid for rid in ntok if ntok[rid] < end[rid]]
