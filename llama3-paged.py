@@ -268,7 +268,9 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
     else:
         rows = torch.arange(batch, device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
         k_cache[rows[:, None], positions], v_cache[rows[:, None], positions] = k, v
-        keys, values = k_cache[rows], v_cache[rows]  # (batch, max_seq_len, n_kv_heads, head_dim)
+        # Like flash-attn, read no further than the longest row's tokens, not all max_seq_len of them.
+        longest = int(positions.max()) + 1
+        keys, values = k_cache[rows, :longest], v_cache[rows, :longest]  # (batch, longest, n_kv_heads, head_dim)
     # Query i of a row sees the keys up to its own position: flash-attn's causal mask, aligned to the
     # bottom right. Keys past the row's length (unwritten cache) are never visible.
     key_positions = torch.arange(keys.shape[1], device=q.device)
