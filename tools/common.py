@@ -131,9 +131,9 @@ def prompt_lengths(prompts=DEFAULT_PROMPTS, n=None, max_seq_len=DEFAULT_MAX_SEQ_
     return lengths
 
 
-def run_script(name, n, ckpt_dir, budget_tokens, max_seq_len, threads, prompts=None, block_size=None):
+def run_script(name, n, ckpt_dir, budget_tokens, max_seq_len, threads, prompts=None, block_size=None, extra=()):
     """One real run of llama3-{name}.py on N prompts with --ref-lengths --quiet --json, torch limited to
-    `threads` threads. Returns {rc, stderr (its last line), stderr_lines, json (None when it failed),
+    `threads` threads, and any `extra` arguments. Returns {rc, stderr (its last line), stderr_lines, json (None when it failed),
     seconds (the whole process)}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
@@ -143,6 +143,7 @@ def run_script(name, n, ckpt_dir, budget_tokens, max_seq_len, threads, prompts=N
             cmd += ["--prompts", str(prompts)]
         if block_size:
             cmd += ["--block-size", str(block_size)]
+        cmd += [str(arg) for arg in extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         start = time.perf_counter()
         try:

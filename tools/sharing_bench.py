@@ -25,8 +25,6 @@ line if a run fails, preempts where it must not, or the tokens of two runs that 
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -105,44 +103,18 @@ def gb_8b(tokens):
     return f"{tokens * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9:.3f}"
 
 
-def prefix_sharing_flags(on):
-    """The flags that turn prefix sharing on or off. The script has had both interfaces (on by default with
-    --no-prefix-sharing, or off by default with --prefix-sharing), so ask its own parser which it has now."""
-    options = vars(common.load_script("paged").parse_args(["1"]))
-    if "prefix_sharing" in options:
-        return ["--prefix-sharing"] if on else []
-    if "no_prefix_sharing" in options:
-        return [] if on else ["--no-prefix-sharing"]
-    common.fail("llama3-paged.py has neither --prefix-sharing nor --no-prefix-sharing")
-
-
 def run_paged(label, n, args, budget, extra=(), prompts=None):
     """One real run of llama3-paged.py on n prompts; returns (its --json output, seconds for the whole process).
-    Not common.run_script: that one passes no sharing options. A failed run ends the tool with its error."""
+    A failed run ends the tool with its error."""
     log(f"running {label}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run.json"
-        cmd = [sys.executable, str(common.SCRIPTS["paged"]), str(n), "--ckpt-dir", str(args.ckpt_dir),
-               "--ref-lengths", "--quiet", "--json", str(out), "--block-size", str(BLOCK_SIZE),
-               "--kv-budget-tokens", str(budget), "--max-seq-len", str(common.DEFAULT_MAX_SEQ_LEN), *map(str, extra)]
-        if prompts:
-            cmd += ["--prompts", str(prompts)]
-        # The scripts run torch on the CPU here; its thread pools follow these variables.
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=common.ROOT, timeout=3600)
-        except subprocess.TimeoutExpired:
-            common.fail(f"{label} ran for over an hour")
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0 or not out.is_file():
-            lines = proc.stderr.strip().splitlines()
-            common.fail(f"{label} failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}")
-        data = json.loads(out.read_text())
-    stats = data["stats"]
+    run = common.run_script("paged", n, args.ckpt_dir, budget, common.DEFAULT_MAX_SEQ_LEN, args.threads,
+                            prompts=prompts, block_size=BLOCK_SIZE, extra=extra)
+    if run["json"] is None:
+        common.fail(f"{label} failed (exit {run['rc']}): {run['stderr'] or 'no message'}")
+    stats = run["json"]["stats"]
     if stats["finished"] != stats["requests"]:
         common.fail(f"{label}: only {stats['finished']} of {stats['requests']} requests finished")
-    return data, seconds
+    return run["json"], run["seconds"]
 
 
 def generated(data):
@@ -186,15 +158,14 @@ def parallel_samples(lengths, tokenizer, args):
     n = args.sample_prompts
     # Enough that neither run preempts even if every sequence held its longest at once, unshared.
     budget = max(SAMPLES) * sum(round_up(p + g + 1) for p, g in lengths[:n])
-    no_prefix = prefix_sharing_flags(False)  # only the samples' sharing is measured here
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for s in SAMPLES:
             path = repeated_prompts_file(tmp, n, s, tokenizer)
             shared, _ = run_paged(f"--samples {s} on {n} prompts", n, args, budget,
-                                  ["--samples", s, "--temperature", TEMPERATURE, "--seed", SEED, *no_prefix])
+                                  ["--samples", s, "--temperature", TEMPERATURE, "--seed", SEED])
             alone, _ = run_paged(f"{n * s} separate requests ({n} prompts x {s})", n * s, args, budget,
-                                  ["--temperature", TEMPERATURE, "--seed", SEED, *no_prefix], prompts=path)
+                                  ["--temperature", TEMPERATURE, "--seed", SEED], prompts=path)
             a, b = shared["stats"], alone["stats"]
             if a["preemptions"] or b["preemptions"]:
                 common.fail(f"S={s}: a run preempted ({a['preemptions']} shared, {b['preemptions']} separate) "
@@ -237,9 +208,9 @@ def system_prompt(lengths, tokenizer, args):
     budget = sum(round_up(p + added + g + 1) for p, g in lengths[:n])  # all at once, unshared: no preemption
     extra = ["--system-prompt", SYSTEM_PROMPT]
     on, on_s = run_paged(f"{n} prompts + system prompt, prefix sharing", n, args, budget,
-                         extra + prefix_sharing_flags(True))
+                         extra + ["--prefix-sharing"])
     off, off_s = run_paged(f"{n} prompts + system prompt, no prefix sharing", n, args, budget,
-                           extra + prefix_sharing_flags(False))
+                           extra)
     rows = []
     for label, data, seconds in (("prefix sharing", on, on_s), ("no prefix sharing", off, off_s)):
         s = data["stats"]
@@ -282,7 +253,7 @@ def swap_vs_recompute(lengths, budget, replayed, args):
     longest = max(p + g for p, g in lengths[:n])
     total = sum(p + g for p, g in lengths[:n])
     runs = {mode: run_paged(f"{n} prompts, --preempt {mode}, budget {budget}", n, args, budget,
-                            ["--preempt", mode, *prefix_sharing_flags(False)])
+                            ["--preempt", mode])
             for mode in ("recompute", "swap")}
     rows = []
     for mode, (data, seconds) in runs.items():
