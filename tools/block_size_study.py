@@ -138,8 +138,7 @@ def print_tables(rows, naive, cards, weight_bytes, headroom, budget, max_seq_len
     print(f"(The scripts' CPU default, {common.load_script('paged').CPU_KV_BUDGET_TOKENS:,} tokens, is the 24 GB row; "
           f"24 GiB exactly would give {card_budget(24 * 1024, weight_bytes, headroom):,}. N max is not monotone in the "
           f"budget: one more free block at the start lets first-come-first-served admission start one more request, "
-          f"which can force a preemption later, e.g. at block 256 a pool of 240 blocks runs 180 requests without "
-          f"preemption and 241 blocks only 175.)")
+          f"which can force a preemption later.)")
 
 
 def plot(rows, naive, cards, budget, max_seq_len, total, prompts, out):
@@ -235,6 +234,10 @@ def main(argv=None):
     rows = [study_block_size(lengths, budget, bs, args.max_seq_len) for bs in BLOCK_SIZES]
     naive = study_naive(lengths, budget, args.max_seq_len)
     cards, weight_bytes, headroom = study_cards(lengths, args.max_seq_len)
+    totals = [p + g for p, g in lengths]
+    print(f"Prompt + reference answer, chat-formatted Llama 3 tokens: mean {sum(totals) / len(totals):.0f} "
+          f"(prompt {sum(p for p, _ in lengths) / len(lengths):.0f}, answer {sum(g for _, g in lengths) / len(lengths):.0f}), "
+          f"longest {max(totals)}; naive reserves {args.max_seq_len} for each.")
     print_tables(rows, naive, cards, weight_bytes, headroom, budget, args.max_seq_len, len(lengths))
     plot(rows, naive, cards, budget, args.max_seq_len, len(lengths), args.prompts, args.out)
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.1f} s")
