@@ -20,7 +20,6 @@ cost per decode step, and what throughput does that buy on this machine?
 The tiny checkpoint comes from `python tools/make_checkpoint.py checkpoints/tiny`. Runs use one torch
 thread by default (--threads): on a shared 2-core machine two OpenMP threads can be ~9x slower.
 """
-import argparse
 import json
 import sys
 import tempfile
@@ -34,13 +33,8 @@ QUICK = {"budget": 8192, "max_seq_len": 2048, "requests": 16, "confirm": (16,), 
 RUNNING = [1, 4, 16, 64, 256, 1024]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        common.fail(message)
-
-
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="reduced run: 8192-token budget, max_seq_len 2048, R 16")
     p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default 61,691; 8,192 with --quick)")
     p.add_argument("--max-seq-len", type=int, help="per request (default 8192; 2048 with --quick)")

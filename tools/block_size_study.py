@@ -18,7 +18,6 @@ grows. Everything depends only on token counts and the budget, not on the machin
 
 Prints the tables and writes docs/block_size_study.png (needs matplotlib: pip install -r tools/requirements.txt).
 """
-import argparse
 import time
 from pathlib import Path
 
@@ -31,13 +30,8 @@ CARDS_MIB = [(16 * 1024, "16 GB", "nominal"), (24_564, "24 GB", "RTX 4090 as rep
              (40 * 1024, "40 GB", "nominal"), (48 * 1024, "48 GB", "nominal"), (80 * 1024, "80 GB", "nominal")]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        common.fail(message)
-
-
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default, 61,691)")
     p.add_argument("--prompts", default=str(common.DEFAULT_PROMPTS), help="ShareGPT-style JSON (default: the shipped set)")
     p.add_argument("--max-seq-len", type=int, default=common.DEFAULT_MAX_SEQ_LEN,
@@ -142,12 +136,7 @@ def print_tables(rows, naive, cards, weight_bytes, headroom, budget, max_seq_len
 
 
 def plot(rows, naive, cards, budget, max_seq_len, total, prompts, out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        common.fail("matplotlib is not installed: pip install -r tools/requirements.txt")
+    plt = common.pyplot()
     bs = [r["block_size"] for r in rows]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5.6))
 
@@ -216,11 +205,7 @@ def plot(rows, naive, cards, budget, max_seq_len, total, prompts, out):
                  f"(real Llama 3 token counts, reference answer lengths): the same on any machine",
                  fontsize=11)
     fig.tight_layout()
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        common.fail(f"cannot write {out}: {e.strerror or e}")
+    common.save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 

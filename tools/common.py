@@ -6,6 +6,7 @@ load_prompts, load_tokenizer) and copy only the order of operations of their gen
 a replay's timeline is the one `--json` would write for the same requests with `--ref-lengths`
 (bench.py checks this against real runs).
 """
+import argparse
 import importlib.resources
 import importlib.util
 import json
@@ -34,6 +35,31 @@ def fail(message):
     """Bad input: one line on stderr naming the tool, exit status 1."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gets one line (the tool's name and the problem) and exit 1."""
+    def error(self, message):
+        fail(message)
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing to files only; one line and exit 1 if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("matplotlib is not installed: pip install -r tools/requirements.txt")
+    return plt
+
+
+def save_figure(fig, out, dpi=110):
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+    except OSError as e:
+        fail(f"cannot write {out}: {e.strerror or e}")
 
 
 def run_main(main):

@@ -11,7 +11,6 @@ blocks of the pool are free, including those given back by a request that alread
 
 Writes docs/block_table.png (needs matplotlib: pip install -r tools/requirements.txt).
 """
-import argparse
 from pathlib import Path
 
 import common
@@ -19,13 +18,8 @@ import common
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        common.fail(message)
-
-
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", default="1,6,12,32", help="prompt indices, comma-separated (default 1,6,12,32)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--pool-blocks", type=int, default=12, help="blocks in the pool (default 12)")
@@ -75,14 +69,9 @@ def run(args):
 
 
 def draw(state, args):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import to_rgba
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        common.fail("matplotlib is not installed: pip install -r tools/requirements.txt")
+    plt = common.pyplot()
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
     bs, n_pool = args.block_size, args.pool_blocks
     running, blocks, cached = state["running"], state["blocks"], state["cached"]
     color = {r: COLORS[r % len(COLORS)] for r in range(len(args.ids))}
@@ -176,11 +165,7 @@ def draw(state, args):
     fig.suptitle("Paged KV cache: each request's logical blocks point, through its block-table row, to any physical "
                  "blocks of one shared pool", fontsize=11)
     fig.tight_layout(rect=(0, 0.03 + 0.022 * len(notes), 1, 0.97))
-    try:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.out, dpi=120)
-    except OSError as e:
-        common.fail(f"cannot write {args.out}: {e.strerror or e}")
+    common.save_figure(fig, args.out, dpi=120)
     plt.close(fig)
 
 

@@ -9,20 +9,14 @@ KV reserved (filled) and KV holding tokens (line) after every decode step, with 
 
 Writes docs/memory_timeline.png (needs matplotlib: pip install -r tools/requirements.txt).
 """
-import argparse
 import json
 from pathlib import Path
 
 import common
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        common.fail(message)
-
-
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=7, help="requests: the first N prompts (default 7, naive's most)")
     p.add_argument("--ckpt-dir", default=str(common.DEFAULT_CKPT), help="checkpoint for the runs")
     p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default)")
@@ -70,12 +64,7 @@ def get_run(name, path, args, budget):
 
 
 def plot(naive, paged, out, source):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        common.fail("matplotlib is not installed: pip install -r tools/requirements.txt")
+    plt = common.pyplot()
     n = len(naive["requests"])
     fig, axes = plt.subplots(2, 1, figsize=(11, 8), sharex=True, sharey=True)
     tokens_to_gb = lambda t: t * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9
@@ -122,11 +111,7 @@ def plot(naive, paged, out, source):
     axes[1].set_xlabel("decode step")
     fig.suptitle(f"KV cache reserved vs. holding tokens: the same {n} requests, same budget\n{source}", fontsize=11)
     fig.tight_layout()
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        common.fail(f"cannot write {out}: {e.strerror or e}")
+    common.save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 

@@ -23,7 +23,6 @@ fewer bytes per token than Llama-3-8B's, so memory is reported in tokens, and in
 Llama-3-8B (128 KiB per token). Every run uses one torch thread by default (--threads). Exits 1 with one
 line if a run fails, preempts where it must not, or the tokens of two runs that must agree differ.
 """
-import argparse
 import json
 import sys
 import tempfile
@@ -64,13 +63,8 @@ privacy, and offer a safe alternative where there is one.
 8. If the user writes in a language other than English, answer in that language unless they ask otherwise."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        common.fail(message)
-
-
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer prompts per section (2, 2, 5): under ~2 min")
     p.add_argument("--sample-prompts", type=int, help="N for section 1 (default 8; 2 with --quick)")
     p.add_argument("--system-prompts", type=int, help="N for section 2 (default 32; 2 with --quick)")
