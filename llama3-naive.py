@@ -394,8 +394,9 @@ def report(stats, name):
     if "block_size" in stats:
         lines += [f"block size:            {stats['block_size']} tokens",
                   f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
-                  f"preemptions:           {stats['preemptions']}",
-                  f"shared blocks:         {stats['shared_blocks_peak']} at the peak (peak KV reserved without sharing: "
+                  f"preemptions:           {stats['preemptions']}"]
+    if any(stats.get(key) for key in ("shared_blocks_peak", "prefix_hit_tokens", "swapped_bytes")):  # sharing options
+        lines += [f"shared blocks:         {stats['shared_blocks_peak']} at the peak (peak KV reserved without sharing: "
                   f"{stats['peak_unshared_tokens']} tokens)",
                   f"prefix cache hits:     {stats['prefix_hit_tokens']} prompt tokens",
                   f"copy-on-write copies:  {stats['cow_copies']} blocks",
