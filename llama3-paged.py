@@ -9,6 +9,11 @@ finish far sooner, so most of that memory is never written, yet no other request
 Here the cache is a pool of small fixed-size blocks. A request takes a block when its tokens fill
 the last one, and gives all of them back the moment it finishes, so the memory in use follows the
 tokens actually held and many more requests fit in the same budget.
+
+Once blocks are counted, requests can share them: --samples and --beams fork a request's blocks
+(copy-on-write), --prefix-sharing reuses the blocks of a prompt start already cached (with
+--system-prompt), and --preempt swap parks a preempted request's blocks in host memory. Without
+these options no block is ever shared.
 """
 import argparse
 import base64
