@@ -52,8 +52,7 @@ def parse_args(argv):
             common.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_seq_len < 2:
         common.fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
-    if not (Path(args.ckpt_dir) / "params.json").is_file():
-        common.fail(f"no checkpoint in {args.ckpt_dir}: make one with python tools/make_checkpoint.py {args.ckpt_dir}")
+    common.require_checkpoint(args.ckpt_dir)
     return args
 
 

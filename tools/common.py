@@ -62,6 +62,18 @@ def save_figure(fig, out, dpi=110):
         fail(f"cannot write {out}: {e.strerror or e}")
 
 
+def require_checkpoint(ckpt_dir):
+    """Check that the real runs have a checkpoint. The default tiny one is written on first use (a few
+    seconds), as tools/cpu_demo.sh does, so a fresh clone runs every tool in one command."""
+    if (Path(ckpt_dir) / "params.json").is_file():
+        return
+    if Path(ckpt_dir).resolve() != DEFAULT_CKPT:
+        fail(f"no checkpoint in {ckpt_dir}: make one with python tools/make_checkpoint.py {ckpt_dir}")
+    import make_checkpoint
+    print(f"writing the tiny checkpoint to {DEFAULT_CKPT} (first use)", file=sys.stderr, flush=True)
+    make_checkpoint.write_checkpoint(str(DEFAULT_CKPT), preset="tiny", seed=0)
+
+
 def run_main(main):
     """Run a tool's main(): Ctrl-C or a closed pipe (| head) end it with a one-line message, no traceback."""
     try:

@@ -52,8 +52,7 @@ def read_json(path, script):
 def get_run(name, path, args, budget):
     if path:
         return read_json(path, common.SCRIPTS[name].name)
-    if not (Path(args.ckpt_dir) / "params.json").is_file():
-        common.fail(f"no checkpoint in {args.ckpt_dir}: make one with python tools/make_checkpoint.py {args.ckpt_dir}")
+    common.require_checkpoint(args.ckpt_dir)
     print(f"running {common.SCRIPTS[name].name} {args.n} --ref-lengths (budget {budget:,} tokens)", flush=True)
     run = common.run_script(name, args.n, args.ckpt_dir, budget, args.max_seq_len, args.threads,
                             block_size=args.block_size if name == "paged" else None)

@@ -79,8 +79,7 @@ def parse_args(argv):
     for name in (*mode, "threads"):
         if getattr(args, name) < 1:
             common.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not (Path(args.ckpt_dir) / "params.json").is_file():
-        common.fail(f"no checkpoint in {args.ckpt_dir}: make one with python tools/make_checkpoint.py {args.ckpt_dir}")
+    common.require_checkpoint(args.ckpt_dir)
     return args
 
 
