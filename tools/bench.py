@@ -17,8 +17,9 @@ cost per decode step, and what throughput does that buy on this machine?
     python tools/bench.py            # full: 61,691-token budget, max_seq_len 8192; ~15-20 min on 2 CPU cores
     python tools/bench.py --quick    # 8,192-token budget, max_seq_len 2048, fewer runs: ~3 min
 
-The tiny checkpoint comes from `python tools/make_checkpoint.py checkpoints/tiny`. Runs use one torch
-thread by default (--threads): on a shared 2-core machine two OpenMP threads can be ~9x slower.
+The tiny checkpoint (`python tools/make_checkpoint.py checkpoints/tiny`) is written on first use. Runs use
+one torch thread by default (--threads): on a shared 2-core machine, two OpenMP threads that wait for each
+other can be much slower than one.
 """
 import json
 import sys

@@ -18,9 +18,9 @@ prompts, all with --ref-lengths --quiet --json, block size 16, on the CPU:
     python tools/sharing_bench.py            # full: ~6 min on one core of a 2-core machine
     python tools/sharing_bench.py --quick    # fewer prompts (2, 2, 5): about 2 min
 
-The tiny checkpoint comes from `python tools/make_checkpoint.py checkpoints/tiny`. Its K and V take far
-fewer bytes per token than Llama-3-8B's, so memory is reported in tokens, and in GB as it would be for
-Llama-3-8B (128 KiB per token). Every run uses one torch thread by default (--threads). Exits 1 with one
+The tiny checkpoint (`python tools/make_checkpoint.py checkpoints/tiny`) is written on first use. Its K
+and V take far fewer bytes per token than Llama-3-8B's, so memory is reported in tokens, and in GB as it
+would be for Llama-3-8B (128 KiB per token). Every run uses one torch thread by default (--threads). Exits 1 with one
 line if a run fails, preempts where it must not, or the tokens of two runs that must agree differ.
 """
 import json
