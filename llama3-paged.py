@@ -505,11 +505,15 @@ def make_kv_cache(model, budget_tokens, num_requests, args, device, dtype):
     if model["kernel_name"] == "flash-attn" and args.block_size % 256:
         fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
     num_blocks = budget_tokens // args.block_size
+    sequences_per_prompt = max(args.samples, args.beams or 1)
+    if sequences_per_prompt > num_blocks:  # each sample or beam soon holds a block of its own
+        fail(f"{sequences_per_prompt} samples or beams of a prompt need at least as many KV blocks, but the budget "
+             f"holds {num_blocks} blocks of {args.block_size} tokens")
     shape = (len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"])
     kv_cache = allocate_kv(shape, dtype, device)
     # A row of the block table for every sequence that can be running at once: each prompt's S samples
     # (B beams), and no more prompts than there are blocks, since each one holds at least one.
-    num_rows = min(num_blocks, num_requests) * max(args.samples, args.beams or 1)
+    num_rows = min(num_blocks, num_requests) * sequences_per_prompt
     manager = KVCacheManager(num_blocks, args.block_size, -(-args.max_seq_len // args.block_size), device, num_rows,
                              share_prefixes=args.prefix_sharing)
     return kv_cache, manager

@@ -157,6 +157,15 @@ def test_bad_input_as_a_user_sees_it(tiny_ckpt):
     assert result.returncode == 1 and result.stderr == "llama3-paged.py: error: --samples must be positive, got 0\n"
 
 
+@pytest.mark.parametrize("option", [["--samples", 11, "--temperature", 1], ["--beams", 11]])
+def test_more_samples_or_beams_than_blocks_get_one_line(tiny_ckpt, option):
+    # 10 blocks of 16 tokens: every sample or beam soon holds a block of its own, so 11 can never run.
+    result = run_script("llama3-paged.py", 1, "--ckpt-dir", tiny_ckpt, "--kv-budget-tokens", 160, *option)
+    assert result.returncode == 1 and result.stderr == ("llama3-paged.py: error: 11 samples or beams of a prompt "
+                                                        "need at least as many KV blocks, but the budget holds 10 "
+                                                        "blocks of 16 tokens\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # In process: the cache against from-scratch recomputes.
 
