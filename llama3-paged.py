@@ -358,6 +358,7 @@ class KVCacheManager:
         # Each request holds >= 1 block of its own, so rows run out only with forks (see make_kv_cache).
         self.free_rows = deque(range(num_rows or num_blocks))
         self.block_table = torch.zeros(num_rows or num_blocks, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.table_entries = self.block_table.view(-1)  # the same memory, entry row * max_blocks_per_seq + column
         self.blocks = {}        # request id -> its blocks, in order
         self.rows = {}          # request id -> its block-table row
         self.pending = {}       # (row, column) -> block: writes not yet copied to the device table
@@ -439,10 +440,9 @@ class KVCacheManager:
     def batch_block_table(self, rows, width):
         """The block tables of the running requests, in batch order: (batch, width) int32 on the device."""
         if self.pending:  # one write per step, however many blocks were handed out
-            columns = self.block_table.shape[1]
-            flat = [row * columns + column for row, column in self.pending] + list(self.pending.values())
-            flat = torch.tensor(flat, dtype=torch.int32, device=self.block_table.device)  # positions, then blocks
-            self.block_table.view(-1)[flat[:len(self.pending)]] = flat[len(self.pending):]
+            device, columns = self.block_table.device, self.block_table.shape[1]
+            entries = torch.tensor([row * columns + column for row, column in self.pending], device=device)
+            self.table_entries[entries] = torch.tensor(list(self.pending.values()), dtype=torch.int32, device=device)
             self.pending.clear()
         return self.block_table[:, :width].index_select(0, rows)
 
