@@ -146,20 +146,6 @@ def load_prompts(path, n, tokenizer):
     fail(f"asked for {n} requests but {path} has only {len(prompts)} usable prompts")
 
 
-def allocate_kv(shape, dtype, device):
-    """K and V, each of `shape`, zeroed; or one line saying the memory isn't there."""
-    num_bytes = 2 * math.prod(shape) * dtype.itemsize
-    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if device.type == "cpu" and num_bytes > ram_bytes:  # fail now, not after the machine starts swapping
-        fail(f"the KV cache would take {num_bytes / 1e9:.3g} GB, more than this machine's {ram_bytes / 1e9:.3g} GB "
-             f"of memory: lower --kv-budget-tokens")
-    try:
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-    except torch.cuda.OutOfMemoryError:
-        fail(f"out of GPU memory allocating the KV cache ({num_bytes / 1e9:.3g} GB), "
-             f"{torch.cuda.mem_get_info(device)[0] / 1e9:.3g} GB free")
-
-
 # ---------------------------------------------------------------------------------------------
 # The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
@@ -330,6 +316,20 @@ def kv_budget_tokens(args, model, device, dtype):
         free_bytes, _ = torch.cuda.mem_get_info(device)
         return max(0, free_bytes - CUDA_HEADROOM_BYTES) // kv_bytes_per_token(model, dtype)
     return CPU_KV_BUDGET_TOKENS
+
+
+def allocate_kv(shape, dtype, device):
+    """K and V, each of `shape`, zeroed; or one line saying the memory isn't there."""
+    num_bytes = 2 * math.prod(shape) * dtype.itemsize
+    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and num_bytes > ram_bytes:  # fail now, not after the machine starts swapping
+        fail(f"the KV cache would take {num_bytes / 1e9:.3g} GB, more than this machine's {ram_bytes / 1e9:.3g} GB "
+             f"of memory: lower --kv-budget-tokens")
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of GPU memory allocating the KV cache ({num_bytes / 1e9:.3g} GB), "
+             f"{torch.cuda.mem_get_info(device)[0] / 1e9:.3g} GB free")
 
 
 # ---------------------------------------------------------------------------------------------
