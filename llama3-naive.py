@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Llama 3 batch inference with a NAIVE KV cache.
 
-    python llama3-naive.py 7       # run the first 7 ShareGPT prompts together; 8 don't fit
+    python llama3-naive.py 7 --ckpt-dir checkpoints/tiny --ref-lengths   # 7 ShareGPT prompts at once; 8 don't fit
 
-Read this next to llama3-paged.py: the two files share every line except the KV cache. Here each
-request gets one contiguous row of the cache, max_seq_len tokens long, reserved before it starts and
-held until the whole batch is done. That is simple and fast to address, but a request that stops after
-300 tokens leaves the rest of its 8192-token row empty, and no other request may use it: the batch
-size is set by the worst case, not by the tokens actually held.
+The first of three scripts; read llama3-paged.py next to it, then llama3-paged-sharing.py (`diff` shows each lesson).
+
+Here each request gets one contiguous row of the cache, max_seq_len tokens long, reserved before it starts
+and held until the whole batch is done. That is simple and fast to address, but a request that stops after
+300 tokens leaves the rest of its 8192-token row empty, and no other request may use it: the batch size is
+set by the worst case, not by the tokens actually held.
 """
 import argparse
 import base64
@@ -16,7 +17,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from flash_attn import flash_attn_with_kvcache
+    from flash_attn import flash_attn_with_kvcache  # the real kernel, on a CUDA GPU
 except ImportError:
     flash_attn_with_kvcache = None
 
-MAX_SEQ_LEN_LIMIT = 131_072  # Llama 3.1's 128K context; Llama 3 was trained on 8192
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # of the weights and the KV cache
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside
-# Llama-3-8B's bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token. It holds
-# 7 naive requests of 8192 tokens, not 8.
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside Llama-3-8B's
+# bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token: 7 naive requests of 8192 fit, 8 don't.
 CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
 
 
@@ -42,23 +42,28 @@ def fail(message):
     sys.exit(f"{Path(__file__).name}: error: {message}")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage dump
-        fail(message)
-
-
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("n", metavar="N", help="number of prompts to run together")
-    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original")
-    p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")))
-    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + generated tokens, per request")
-    p.add_argument("--kv-budget-tokens", type=int, help="KV cache budget in tokens (default: free GPU memory)")
-    p.add_argument("--ref-lengths", action="store_true",
-                   help="generate exactly as many tokens as each prompt's reference answer")
-    p.add_argument("--json", metavar="PATH", help="write stats and every request's tokens to PATH")
+    budget = "free GPU memory less 1.5 GiB" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # one line instead of argparse's usage dump
+    p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
+    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original",
+                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s)")
+    p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")),
+                   help="ShareGPT-style JSON; each entry's first human turn is a prompt (default: sharegpt-filtered.json)")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="most tokens per request, prompt and answer (default 8192)")
+    p.add_argument("--kv-budget-tokens", type=int, help=f"room for K and V, in tokens (default here: {budget})")
+    p.add_argument("--ref-lengths", action="store_true", help="generate as many tokens as each reference answer has")
+    p.add_argument("--json", metavar="PATH", help="write the stats and every request's tokens to PATH")
     p.add_argument("--quiet", action="store_true", help="don't print the responses")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        fail(f"N must be positive, got {args.n}")
+    if not 2 <= args.max_seq_len <= 131_072:  # Llama 3.1's 128K context; Llama 3 was trained on 8192
+        fail(f"--max-seq-len must be from 2 to 131072 (Llama 3.1's context), got {args.max_seq_len}")
+    if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
+        fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,8 +79,10 @@ def load_tokenizer(path):
     try:
         lines = path.read_bytes().splitlines()
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
-    except FileNotFoundError:
-        fail(f"tokenizer {path} not found")
+    except FileNotFoundError:  # most likely no checkpoint at all: say how to make the tiny one, or where it is
+        tiny, tool = [os.path.relpath(Path(__file__).resolve().parent / name) for name in ("checkpoints/tiny", "tools/make_checkpoint.py")]
+        make = "" if Path(tiny, "params.json").is_file() else f"make a tiny random one with python {tool} {tiny} and "
+        fail(f"{path} not found: {make}pass --ckpt-dir {tiny}, or download Meta's weights (see the README)")
     except (OSError, ValueError) as e:
         fail(f"cannot read tokenizer {path}: {e}")
     special = {SPECIAL_NAMES.get(i, f"<|reserved_special_token_{i}|>"): len(ranks) + i for i in range(256)}
@@ -84,16 +91,12 @@ def load_tokenizer(path):
 
 def encode_chat(tokenizer, user_message, system_message=None):
     """One user turn in Llama 3's chat format (after a system turn, if given), ending with the header that asks
-    the assistant to answer."""
-    special = tokenizer.encode_single_token
-    def header(role):
-        return [special("<|start_header_id|>"), *tokenizer.encode_ordinary(role), special("<|end_header_id|>"),
-                *tokenizer.encode_ordinary("\n\n")]
-    # encode_ordinary: text that looks like a special token stays text, as the user typed it.
-    system = [*header("system"), *tokenizer.encode_ordinary(system_message.strip()),
-              special("<|eot_id|>")] if system_message else []
-    return [special("<|begin_of_text|>"), *system, *header("user"), *tokenizer.encode_ordinary(user_message.strip()),
-            special("<|eot_id|>"), *header("assistant")]
+    the assistant to answer. encode_ordinary: text that looks like a special token stays text, as typed."""
+    special, text = tokenizer.encode_single_token, tokenizer.encode_ordinary
+    header = lambda role: [special("<|start_header_id|>"), *text(role), special("<|end_header_id|>"), *text("\n\n")]
+    system = [*header("system"), *text(system_message.strip()), special("<|eot_id|>")] if system_message else []
+    return [special("<|begin_of_text|>"), *system, *header("user"), *text(user_message.strip()), special("<|eot_id|>"),
+            *header("assistant")]
 
 
 def load_prompts(path, n, tokenizer):
@@ -109,59 +112,44 @@ def load_prompts(path, n, tokenizer):
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         turns = [t for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)] if isinstance(turns, list) else []
         user = next((i for i, t in enumerate(turns) if t.get("from") == "human" and t["value"].strip()), None)
-        if user is None:
-            continue
-        answer = next((t["value"] for t in turns[user + 1:] if t.get("from") == "gpt"), "")
-        prompts.append((turns[user]["value"], len(tokenizer.encode_ordinary(answer.strip()))))
+        if user is not None:
+            answer = next((t["value"] for t in turns[user + 1:] if t.get("from") == "gpt"), "")
+            prompts.append((turns[user]["value"], len(tokenizer.encode_ordinary(answer.strip()))))
         if len(prompts) == n:
             return prompts
-    if not prompts:
-        fail(f"prompts file {path} has no usable prompt (expected ShareGPT entries with a human turn)")
-    fail(f"asked for {n} requests but {path} has only {len(prompts)} usable prompts")
+    fail(f"asked for {n} prompts but {path} has {len(prompts)} (ShareGPT entries with a human turn)")
 
 
 # ---------------------------------------------------------------------------------------------
 # The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
-def load_model(ckpt_dir, device, dtype):
+def load_model(ckpt_dir):
     ckpt_dir = Path(ckpt_dir)
     try:
         params = json.loads((ckpt_dir / "params.json").read_text())
         weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError as e:
-        fail(f"checkpoint file {e.filename} not found (see the README to download or make one)")
+        n_layers, n_heads, dim = params["n_layers"], params["n_heads"], params["dim"]
+        # Layer i's tensors by the checkpoint's names: wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm.
+        names = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                 "feed_forward.w3", "attention_norm", "ffn_norm")
+        layers = [{name.split(".")[-1]: weights[f"layers.{i}.{name}.weight"].to(DEVICE, DTYPE) for name in names}
+                  for i in range(n_layers)]
+        model = {"n_heads": n_heads, "n_kv_heads": params.get("n_kv_heads") or n_heads, "head_dim": dim // n_heads,
+                 "norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"], "layers": layers,
+                 "rope_theta": params.get("rope_theta", 500000.0), "use_scaled_rope": params.get("use_scaled_rope", False),
+                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE), "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
+        # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
+        model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
+        # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
+        model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize
+        return model
+    except KeyError as e:
+        fail(f"the checkpoint in {ckpt_dir} has no {e}")
     except Exception as e:  # unreadable, truncated or not a checkpoint: torch and json raise many kinds
         fail(f"cannot load the checkpoint in {ckpt_dir}: {str(e).splitlines()[0]}")
-    missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size", "norm_eps") if k not in params]
-    if missing:
-        fail(f"{ckpt_dir / 'params.json'} lacks {', '.join(missing)}")
-
-    def weight(name):
-        if name not in weights:
-            fail(f"{ckpt_dir / 'consolidated.00.pth'} has no tensor {name}")
-        return weights[name].to(device, dtype)
-
-    layers = [{name: weight(f"layers.{i}.{prefix}{name}.weight") for prefix, names in
-               (("attention.", "wq wk wv wo"), ("feed_forward.", "w1 w2 w3"), ("", "attention_norm ffn_norm"))
-               for name in names.split()} for i in range(params["n_layers"])]
-    embeddings = weight("tok_embeddings.weight")
-    return {
-        "n_heads": params["n_heads"],
-        "n_kv_heads": params.get("n_kv_heads") or params["n_heads"],
-        "head_dim": params["dim"] // params["n_heads"],
-        "norm_eps": params["norm_eps"],
-        "vocab_size": params["vocab_size"],
-        "rope_theta": params.get("rope_theta", 500000.0),
-        "use_scaled_rope": params.get("use_scaled_rope", False),
-        "tok_embeddings": embeddings,
-        "layers": layers,
-        "norm": weight("norm.weight"),
-        # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
-        "output": weight("output.weight") if "output.weight" in weights else embeddings,
-    }
 
 
-def rope_tables(model, max_seq_len, device):
+def rope_tables(model, max_seq_len):
     """cos and sin of every position's rotation angles: (max_seq_len, head_dim / 2) each."""
     head_dim = model["head_dim"]
     freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -169,11 +157,10 @@ def rope_tables(model, max_seq_len, device):
         # Llama 3.1+: slow down the low frequencies 8x so 8192-token training stretches to 128K,
         # keep the high frequencies, and blend smoothly between wavelengths of 2048 and 8192 tokens.
         factor, low, high, trained_len = 8.0, 1.0, 4.0, 8192
-        wavelen = 2 * math.pi / freqs
-        smooth = ((trained_len / wavelen - low) / (high - low)).clamp(0, 1)
+        smooth = ((trained_len * freqs / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
         freqs = (1 - smooth) * freqs / factor + smooth * freqs
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
 
 
 def rms_norm(x, weight, eps):
@@ -190,12 +177,10 @@ def apply_rope(x, cos, sin):
 
 
 def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
-    """Run new tokens through the model, appending their K and V to the cache.
-
-    tokens: (batch, seqlen) new tokens of each request; cache_seqlens: (batch,) int32 tokens already cached.
-    kv_cache: (k, v), each (n_layers, ...) in the layout the attention kernel reads through block_table
-    (paged) or cache_batch_idx (one row per request). Returns the last position's logits: (batch, vocab).
-    """
+    """Run new tokens (batch, seqlen) through the model, appending their K and V to the cache after the
+    cache_seqlens (batch,) int32 tokens each request has there. kv_cache: (k, v), each (n_layers, ...) in the
+    layout the kernel reads through block_table (paged) or cache_batch_idx (a row per request). Returns the
+    last position's logits: (batch, vocab)."""
     batch, seqlen = tokens.shape
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=tokens.device)  # (batch, seqlen)
     cos, sin = model["rope_cos"][positions], model["rope_sin"][positions]
@@ -206,8 +191,8 @@ def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batc
         k = F.linear(x, layer["wk"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
         v = F.linear(x, layer["wv"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = model["attention"](q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens,
-                                 block_table=block_table, cache_batch_idx=cache_batch_idx, causal=True)
+        out = attention(q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens,
+                        block_table=block_table, cache_batch_idx=cache_batch_idx, causal=True)
         h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
         x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
         h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
@@ -215,14 +200,13 @@ def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batc
 
 
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
-    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass.
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal).
 
-    q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into
-    the cache at positions cache_seqlens[b] + 0..seqlen-1. k_cache, v_cache: (num_blocks, block_size,
-    n_kv_heads, head_dim) read through block_table (batch, blocks_per_seq), or (cache_batch,
-    max_seq_len, n_kv_heads, head_dim) read at rows cache_batch_idx. Returns (batch, seqlen, n_heads, head_dim).
-    """
-    batch, seqlen = q.shape[:2]
+    q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into the cache
+    at positions cache_seqlens[b] + 0..seqlen-1. k_cache, v_cache: a pool (num_blocks, block_size, n_kv_heads,
+    head_dim) read through block_table (batch, blocks_per_seq), or rows (cache_batch, max_seq_len, n_kv_heads,
+    head_dim) read at cache_batch_idx (batch,). Returns q's shape."""
+    seqlen = q.shape[1]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
     if block_table is not None:
         block_size = k_cache.shape[1]
@@ -231,25 +215,25 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
         keys = k_cache[block_table.long()].flatten(1, 2)  # (batch, blocks_per_seq * block_size, n_kv_heads, head_dim)
         values = v_cache[block_table.long()].flatten(1, 2)
     else:
-        rows = torch.arange(batch, device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
+        rows = cache_batch_idx.long()
         k_cache[rows[:, None], positions], v_cache[rows[:, None], positions] = k, v
         # Like flash-attn, read no further than the longest row's tokens, not all max_seq_len of them.
         longest = int(positions.max()) + 1
         keys, values = k_cache[rows, :longest], v_cache[rows, :longest]  # (batch, longest, n_kv_heads, head_dim)
-    # Query i of a row sees the keys up to its own position: flash-attn's causal mask, aligned to the
-    # bottom right. Keys past the row's length (unwritten cache) are never visible.
-    key_positions = torch.arange(keys.shape[1], device=q.device)
-    last_visible = positions if causal else positions[:, -1:].expand(-1, seqlen)
-    mask = key_positions[None, None, :] <= last_visible[:, :, None]  # (batch, seqlen, keys)
+    # Query i of a row sees the keys up to its own position: flash-attn's causal mask, aligned to the bottom
+    # right. Keys past the row's length (unwritten cache, spare blocks) are never visible.
+    mask = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= positions[:, :, None]  # (batch, seqlen, keys)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask[:, None], enable_gqa=True)
     return out.transpose(1, 2)
 
 
-def pick_attention(device):
-    if device.type == "cuda" and flash_attn_with_kvcache is not None:
-        return flash_attn_with_kvcache, "flash-attn"
-    return attention_torch, "pytorch"
+# The attention kernel, chosen once: flash-attn's where it runs (a CUDA GPU with flash-attn installed),
+# attention_torch everywhere else. forward() calls it by this name.
+if DEVICE.type == "cuda" and flash_attn_with_kvcache is not None:
+    attention, KERNEL = flash_attn_with_kvcache, "flash-attn"
+else:
+    attention, KERNEL = attention_torch, "pytorch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +244,7 @@ class Request:
     id: int                   # position in the prompt list
     prompt_ids: list
     ref_length: int | None    # --ref-lengths: generate exactly this many tokens
-    tokens: list = field(default_factory=list)  # prompt + generated so far
+    tokens: list = field(default_factory=list)  # prompt + generated so far; all but the newest are cached
     cache_row: int = -1       # which row of the cache (or of the block table) belongs to this request
     done: bool = False
 
@@ -278,108 +262,79 @@ def append_token(req, token, stop_ids, max_seq_len):
     req.done = req.done or len(req.tokens) >= max_seq_len
 
 
-def kv_bytes_per_token(model, dtype):
-    """K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16."""
-    return 2 * len(model["layers"]) * model["n_kv_heads"] * model["head_dim"] * dtype.itemsize
-
-
-def kv_budget_tokens(args, model, device, dtype):
-    if args.kv_budget_tokens is not None:
-        return args.kv_budget_tokens
-    if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        return max(0, free_bytes - CUDA_HEADROOM_BYTES) // kv_bytes_per_token(model, dtype)
-    return CPU_KV_BUDGET_TOKENS
-
-
-def allocate_kv(shape, dtype, device):
-    """K and V, each of `shape`, zeroed; or one line saying the memory isn't there."""
-    num_bytes = 2 * math.prod(shape) * dtype.itemsize
-    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if device.type == "cpu" and num_bytes > ram_bytes:  # fail now, not after the machine starts swapping
-        fail(f"the KV cache would take {num_bytes / 1e9:.3g} GB, more than this machine's {ram_bytes / 1e9:.3g} GB "
-             f"of memory: lower --kv-budget-tokens")
-    try:
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-    except torch.cuda.OutOfMemoryError:
-        fail(f"out of GPU memory allocating the KV cache ({num_bytes / 1e9:.3g} GB), "
-             f"{torch.cuda.mem_get_info(device)[0] / 1e9:.3g} GB free")
+def allocate_kv(shape):
+    """K and V, each of `shape`, zeroed; on a CPU, one line instead if the machine hasn't the memory."""
+    gb = 2 * math.prod(shape) * DTYPE.itemsize / 1e9
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    if DEVICE.type == "cpu" and gb > ram_gb:  # fail now, not after the machine starts swapping
+        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's {ram_gb:.3g} GB: lower --kv-budget-tokens")
+    return torch.zeros(shape, dtype=DTYPE, device=DEVICE), torch.zeros(shape, dtype=DTYPE, device=DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
 # The naive KV cache.
 
-def make_kv_cache(model, budget_tokens, num_requests, args, device, dtype):
+def make_kv_cache(model, budget_tokens, num_requests, args):
     """max_seq_len tokens for every request, up front: K and V, each (n_layers, N, max_seq_len, n_kv_heads, head_dim)."""
     needed = num_requests * args.max_seq_len
-    gb = lambda tokens: f"{tokens * kv_bytes_per_token(model, dtype) / 1e9:.3g} GB"
+    gb = lambda tokens: f"{tokens * model['kv_bytes_per_token'] / 1e9:.3g} GB"
     if needed > budget_tokens:
         fail(f"the naive KV cache needs {num_requests} x {args.max_seq_len} = {needed} tokens ({gb(needed)}), "
              f"but the KV budget is {budget_tokens} tokens ({gb(budget_tokens)})")
-    shape = (len(model["layers"]), num_requests, args.max_seq_len, model["n_kv_heads"], model["head_dim"])
-    return allocate_kv(shape, dtype, device)
+    return allocate_kv((len(model["layers"]), num_requests, args.max_seq_len, model["n_kv_heads"], model["head_dim"]))
 
 
-def generate(model, requests, kv_cache, args, stop_ids, device):
-    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0, "reserved_at_peak_use": 0,
-             "manager_seconds": 0.0}
+def generate(model, requests, kv_cache, args, stop_ids):
+    """Run every request to its end, all of them in one batch. Returns the stats."""
+    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0,
+             "reserved_at_peak_use": 0}
     # Request i owns row i of the cache from the first step to the last, however few tokens it needs.
     reserved_tokens = len(requests) * args.max_seq_len
-    used_tokens = 0  # tokens held in the cache by running requests
 
-    # Prefill each request whole: its prompt goes through the model in one pass, filling its row.
+    # 1. Prefill each request whole: its prompt goes through the model in one pass, filling its row.
     for req in requests:
         req.cache_row = req.id
-        tokens = torch.tensor([req.tokens], device=device)
-        rows = torch.tensor([req.cache_row], dtype=torch.int32, device=device)
-        logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=device), kv_cache, cache_batch_idx=rows)
-        used_tokens += len(req.tokens)
+        rows = torch.tensor([req.cache_row], dtype=torch.int32, device=DEVICE)
+        logits = forward(model, torch.tensor([req.tokens], device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE),
+                         kv_cache, cache_batch_idx=rows)
         append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
 
-    # One decode step for every running request, in one batch, until all are done.
+    # 2. One decode step for every running request, in one batch, until all are done. A finished request
+    #    leaves the batch, but its row stays reserved: nobody else can use it.
     running = [r for r in requests if not r.done]
     while running:
-        tokens, cache_seqlens, rows = batch_inputs(running, device)
+        tokens, cache_seqlens, rows = batch_inputs(running)
         logits = forward(model, tokens, cache_seqlens, kv_cache, cache_batch_idx=rows)
         for req, token in zip(running, logits.argmax(-1).tolist()):
             append_token(req, token, stop_ids, args.max_seq_len)
-        used_tokens += len(running)
         stats["decode_steps"] += 1
-        record_memory(stats, reserved_tokens, used_tokens)
-        show_progress(stats, len(running), 0)
-        # A finished request leaves the batch, but its row stays reserved: nobody else can use it.
-        used_tokens -= sum(len(r.tokens) - 1 for r in running if r.done)
+        record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running))
         running = [r for r in running if not r.done]
     return stats
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared by both scripts: batch inputs, progress and the report.
+# Shared by the three scripts: batch inputs and the report.
 
-def batch_inputs(batch, device):
+def batch_inputs(batch):
     """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
-    tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=device)
-    cache_seqlens = torch.tensor([len(r.tokens) - 1 for r in batch], dtype=torch.int32, device=device)
-    rows = torch.tensor([r.cache_row for r in batch], dtype=torch.int32, device=device)
+    tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=DEVICE)
+    cache_seqlens = torch.tensor([len(r.tokens) - 1 for r in batch], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([r.cache_row for r in batch], dtype=torch.int32, device=DEVICE)
     return tokens, cache_seqlens, rows
 
 
 def record_memory(stats, reserved_tokens, used_tokens):
+    """After a decode step: KV reserved, and KV holding the running requests' cached tokens."""
     stats["timeline"].append((reserved_tokens, used_tokens))
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
         stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
 
 
-def show_progress(stats, running, waiting):
-    if sys.stderr.isatty() and stats["decode_steps"] % 16 == 0:
-        print(f"\rstep {stats['decode_steps']}: {running} running, {waiting} waiting ", end="", file=sys.stderr)
-
-
 def report(stats, name):
     gb = lambda tokens: f"{tokens * stats['kv_bytes_per_token'] / 1e9:.3g} GB"
     wasted = stats["reserved_at_peak_use"] - stats["peak_used_tokens"]
-    percent = 100 * wasted / max(1, stats["reserved_at_peak_use"])
     lines = [
         f"=== {name} ===",
         f"requests:              {stats['requests']} ({stats['finished']} finished)",
@@ -389,81 +344,56 @@ def report(stats, name):
         f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
         f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
         f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
-        f"Fragmented Memory: {gb(wasted)} ({percent:.1f}% of the KV reserved when the most tokens were held)",
-    ]
-    if "block_size" in stats:
+        f"Fragmented Memory: {gb(wasted)} ({100 * wasted / max(1, stats['reserved_at_peak_use']):.1f}% of the KV "
+        f"reserved when the most tokens were held)"]
+    if "block_size" in stats:  # the paged scripts
         lines += [f"block size:            {stats['block_size']} tokens",
                   f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
-                  f"preemptions:           {stats['preemptions']}"]
-    if any(stats.get(key) for key in ("shared_blocks_peak", "prefix_hit_tokens", "swapped_bytes")):  # sharing options
-        lines += [f"shared blocks:         {stats['shared_blocks_peak']} at the peak (peak KV reserved without sharing: "
-                  f"{stats['peak_unshared_tokens']} tokens)",
-                  f"prefix cache hits:     {stats['prefix_hit_tokens']} prompt tokens",
-                  f"copy-on-write copies:  {stats['cow_copies']} blocks",
-                  f"swapped:               {stats['swapped_bytes']} bytes (to host memory and back)"]
-    per_step = 1e6 * stats["manager_seconds"] / max(1, stats["decode_steps"])
-    lines.append(f"cache manager time:    {stats['manager_seconds']:.4f} s ({per_step:.1f} us per decode step)")
+                  f"preemptions:           {stats['preemptions']}",
+                  f"cache manager time:    {stats['manager_seconds']:.4f} s "
+                  f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
     print("\n".join(lines))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.n.isdigit() or int(args.n) < 1:
-        fail(f"N must be a positive integer, got {args.n!r}")
-    if not 2 <= args.max_seq_len <= MAX_SEQ_LEN_LIMIT:
-        fail(f"--max-seq-len must be from 2 to {MAX_SEQ_LEN_LIMIT} (Llama 3.1's context), got {args.max_seq_len}")
-    if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
-        fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    if not Path(args.ckpt_dir).is_dir():
-        fail(f"checkpoint directory {args.ckpt_dir} not found (the README shows how to download or make one)")
     tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
-    prompts = load_prompts(args.prompts, int(args.n), tokenizer)
     requests = []
-    for i, (text, ref_length) in enumerate(prompts):
+    for i, (text, ref_length) in enumerate(load_prompts(args.prompts, args.n, tokenizer)):
         prompt_ids = encode_chat(tokenizer, text)
         if len(prompt_ids) >= args.max_seq_len:
-            fail(f"prompt {i} has {len(prompt_ids)} tokens: no room to generate within "
-                             f"--max-seq-len {args.max_seq_len}")
+            fail(f"prompt {i} has {len(prompt_ids)} tokens: no room to generate within --max-seq-len {args.max_seq_len}")
         requests.append(Request(i, prompt_ids, max(1, ref_length) if args.ref_lengths else None, list(prompt_ids)))
     stop_ids = {tokenizer.encode_single_token("<|eot_id|>"), tokenizer.encode_single_token("<|end_of_text|>")}
-
-    model = load_model(args.ckpt_dir, device, dtype)
+    model = load_model(args.ckpt_dir)
     if model["vocab_size"] < tokenizer.n_vocab:
         fail(f"the checkpoint's vocab_size {model['vocab_size']} is smaller than the tokenizer's {tokenizer.n_vocab}")
-    model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len, device)
-    model["attention"], model["kernel_name"] = pick_attention(device)
-    budget_tokens = kv_budget_tokens(args, model, device, dtype)
+    model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len)
+    budget_tokens = args.kv_budget_tokens or CPU_KV_BUDGET_TOKENS
+    if DEVICE.type == "cuda" and args.kv_budget_tokens is None:  # the GPU's free memory, less the headroom
+        budget_tokens = max(0, torch.cuda.mem_get_info(DEVICE)[0] - CUDA_HEADROOM_BYTES) // model["kv_bytes_per_token"]
     try:
-        kv_cache = make_kv_cache(model, budget_tokens, len(requests), args, device, dtype)
+        kv_cache = make_kv_cache(model, budget_tokens, len(requests), args)
         start = time.perf_counter()
-        stats = generate(model, requests, kv_cache, args, stop_ids, device)
+        stats = generate(model, requests, kv_cache, args, stop_ids)
     except torch.cuda.OutOfMemoryError as e:
         fail(f"out of GPU memory: {str(e).splitlines()[0]}")
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    stats.update(requests=len(requests), finished=sum(r.done for r in requests),
-                 generated_tokens=sum(len(r.generated_ids) for r in requests),
-                 wall_seconds=time.perf_counter() - start, kv_budget_tokens=budget_tokens, kernel=model["kernel_name"],
-                 kv_bytes_per_token=kv_bytes_per_token(model, dtype))
-    timeline = {"reserved_tokens": [t[0] for t in stats["timeline"]], "used_tokens": [t[1] for t in stats.pop("timeline")]}
+
+    stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL,
+                 generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
+                 kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])
     stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]
-
-    def response(req):
-        ids = req.generated_ids
-        return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids)
-
-    if not args.quiet:
-        for req in requests:
-            print(f"--- request {req.id}: {len(req.prompt_ids)} prompt tokens, {len(req.generated_ids)} generated ---")
-            print(response(req))
+    timeline = {"reserved_tokens": [r for r, _ in stats["timeline"]], "used_tokens": [u for _, u in stats.pop("timeline")]}
+    texts = [tokenizer.decode(r.generated_ids[:-1] if r.tokens[-1] in stop_ids else r.generated_ids) for r in requests]
+    for req, text in zip(requests, [] if args.quiet else texts):
+        print(f"--- request {req.id}: {len(req.prompt_ids)} prompt tokens, {len(req.generated_ids)} generated ---\n{text}")
     report(stats, Path(__file__).name)
     if args.json:
-        out = {"stats": stats, "timeline": timeline, "requests": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
-                                             "text": response(r)} for r in requests]}
-        Path(args.json).write_text(json.dumps(out))
+        out = [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids, "text": t} for r, t in zip(requests, texts)]
+        try:
+            Path(args.json).write_text(json.dumps({"stats": stats, "timeline": timeline, "requests": out}))
+        except OSError as e:
+            fail(f"cannot write {args.json}: {e.strerror}")
 
 
 if __name__ == "__main__":
