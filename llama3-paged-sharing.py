@@ -1,0 +1,725 @@
+#!/usr/bin/env python3
+"""Llama 3 batch inference with a PAGED KV cache whose blocks requests SHARE.
+
+    python llama3-paged-sharing.py 8 --ckpt-dir checkpoints/tiny --ref-lengths --samples 4 --temperature 0.8
+
+Read it next to llama3-paged.py: `diff` shows the lesson. Once blocks have reference counts, requests can
+share them: --samples and --beams fork a request's blocks (copy-on-write), --prefix-sharing reuses the blocks
+of a prompt start already cached (with --system-prompt), and --preempt swap parks a preempted request's blocks
+in host memory. Without these options no block is ever shared, and the script does what llama3-paged.py does.
+"""
+import argparse
+import base64
+import json
+import math
+import os
+import sys
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_with_kvcache  # the real kernel, on a CUDA GPU
+except ImportError:
+    flash_attn_with_kvcache = None
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # of the weights and the KV cache
+CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside Llama-3-8B's
+# bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token: 7 naive requests of 8192 fit, 8 don't.
+CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
+
+
+def fail(message):
+    """Bad input, or a run that cannot fit: one line on stderr and exit status 1, never a traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def parse_args(argv):
+    budget = "free GPU memory less 1.5 GiB" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # one line instead of argparse's usage dump
+    p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
+    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original",
+                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s)")
+    p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")),
+                   help="ShareGPT-style JSON; each entry's first human turn is a prompt (default: sharegpt-filtered.json)")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="most tokens per request, prompt and answer (default 8192)")
+    p.add_argument("--kv-budget-tokens", type=int, help=f"room for K and V, in tokens (default here: {budget})")
+    p.add_argument("--ref-lengths", action="store_true", help="generate as many tokens as each reference answer has")
+    p.add_argument("--json", metavar="PATH", help="write the stats and every request's tokens to PATH")
+    p.add_argument("--quiet", action="store_true", help="don't print the responses")
+    p.add_argument("--block-size", type=int, default=256 if KERNEL == "flash-attn" else 16,
+                   help="tokens per KV block (default here: %(default)s; flash-attn's kernel takes multiples of 256)")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt, sharing the prompt's blocks (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling (default 0)")
+    p.add_argument("--beams", type=int, help="beam search with this many beams per prompt; the best is the answer")
+    p.add_argument("--system-prompt", metavar="TEXT", help="a system message before every request's user turn")
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="reuse the full blocks of a prompt's start that the cache already holds")
+    p.add_argument("--preempt", choices=("recompute", "swap"), default="recompute",
+                   help="a preempted request's K and V are recomputed, or swapped to host memory and back "
+                        "(a beam search starts over) (default recompute)")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.beams is not None and args.beams < 1:
+        fail(f"--samples and --beams must be positive, got {args.samples} and {args.beams}")
+    if not 0 <= args.temperature < math.inf:
+        fail(f"--temperature must be a number >= 0, got {args.temperature}")
+    if args.beams and (args.samples > 1 or args.temperature > 0):
+        fail("--beams searches deterministically: use it without --samples and --temperature")
+    if args.n < 1:
+        fail(f"N must be positive, got {args.n}")
+    if not 2 <= args.max_seq_len <= 131_072:  # Llama 3.1's 128K context; Llama 3 was trained on 8192
+        fail(f"--max-seq-len must be from 2 to 131072 (Llama 3.1's context), got {args.max_seq_len}")
+    if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
+        fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format.
+
+SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
+SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
+                 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+
+
+def load_tokenizer(path):
+    try:
+        lines = path.read_bytes().splitlines()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except FileNotFoundError:  # most likely no checkpoint at all: say how to make the tiny one, or where it is
+        tiny, tool = [os.path.relpath(Path(__file__).resolve().parent / name) for name in ("checkpoints/tiny", "tools/make_checkpoint.py")]
+        make = "" if Path(tiny, "params.json").is_file() else f"make a tiny random one with python {tool} {tiny} and "
+        fail(f"{path} not found: {make}pass --ckpt-dir {tiny}, or download Meta's weights (see the README)")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read tokenizer {path}: {e}")
+    special = {SPECIAL_NAMES.get(i, f"<|reserved_special_token_{i}|>"): len(ranks) + i for i in range(256)}
+    return tiktoken.Encoding(path.name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def encode_chat(tokenizer, user_message, system_message=None):
+    """One user turn in Llama 3's chat format (after a system turn, if given), ending with the header that asks
+    the assistant to answer. encode_ordinary: text that looks like a special token stays text, as typed."""
+    special, text = tokenizer.encode_single_token, tokenizer.encode_ordinary
+    header = lambda role: [special("<|start_header_id|>"), *text(role), special("<|end_header_id|>"), *text("\n\n")]
+    system = [*header("system"), *text(system_message.strip()), special("<|eot_id|>")] if system_message else []
+    return [special("<|begin_of_text|>"), *system, *header("user"), *text(user_message.strip()), special("<|eot_id|>"),
+            *header("assistant")]
+
+
+def load_prompts(path, n, tokenizer):
+    """The first user turn of each ShareGPT entry, and the length of its reference answer (first gpt turn)."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        fail(f"cannot read prompts file {path}: {e.strerror}")
+    except ValueError as e:
+        fail(f"prompts file {path} is not valid JSON: {e}")
+    prompts = []
+    for entry in entries if isinstance(entries, list) else []:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        turns = [t for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)] if isinstance(turns, list) else []
+        user = next((i for i, t in enumerate(turns) if t.get("from") == "human" and t["value"].strip()), None)
+        if user is not None:
+            answer = next((t["value"] for t in turns[user + 1:] if t.get("from") == "gpt"), "")
+            prompts.append((turns[user]["value"], len(tokenizer.encode_ordinary(answer.strip()))))
+        if len(prompts) == n:
+            return prompts
+    fail(f"asked for {n} prompts but {path} has {len(prompts)} (ShareGPT entries with a human turn)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+def load_model(ckpt_dir):
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        params = json.loads((ckpt_dir / "params.json").read_text())
+        weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
+        n_layers, n_heads, dim = params["n_layers"], params["n_heads"], params["dim"]
+        # Layer i's tensors by the checkpoint's names: wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm.
+        names = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                 "feed_forward.w3", "attention_norm", "ffn_norm")
+        layers = [{name.split(".")[-1]: weights[f"layers.{i}.{name}.weight"].to(DEVICE, DTYPE) for name in names}
+                  for i in range(n_layers)]
+        model = {"n_heads": n_heads, "n_kv_heads": params.get("n_kv_heads") or n_heads, "head_dim": dim // n_heads,
+                 "norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"], "layers": layers,
+                 "rope_theta": params.get("rope_theta", 500000.0), "use_scaled_rope": params.get("use_scaled_rope", False),
+                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE), "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
+        # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
+        model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
+        # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
+        model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize
+        return model
+    except KeyError as e:
+        fail(f"the checkpoint in {ckpt_dir} has no {e}")
+    except Exception as e:  # unreadable, truncated or not a checkpoint: torch and json raise many kinds
+        fail(f"cannot load the checkpoint in {ckpt_dir}: {str(e).splitlines()[0]}")
+
+
+def rope_tables(model, max_seq_len):
+    """cos and sin of every position's rotation angles: (max_seq_len, head_dim / 2) each."""
+    head_dim = model["head_dim"]
+    freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if model["use_scaled_rope"]:
+        # Llama 3.1+: slow down the low frequencies 8x so 8192-token training stretches to 128K,
+        # keep the high frequencies, and blend smoothly between wavelengths of 2048 and 8192 tokens.
+        factor, low, high, trained_len = 8.0, 1.0, 4.0, 8192
+        smooth = ((trained_len * freqs / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        freqs = (1 - smooth) * freqs / factor + smooth * freqs
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) by its angle. x: (batch, seqlen, heads, head_dim);
+    cos, sin: (batch, seqlen, head_dim / 2). Meta's checkpoints pair adjacent dimensions."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
+    """Run new tokens (batch, seqlen) through the model, appending their K and V to the cache after the
+    cache_seqlens (batch,) int32 tokens each request has there. kv_cache: (k, v), each (n_layers, ...) in the
+    layout the kernel reads through block_table (paged) or cache_batch_idx (a row per request). Returns the
+    last position's logits: (batch, vocab)."""
+    batch, seqlen = tokens.shape
+    positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=tokens.device)  # (batch, seqlen)
+    cos, sin = model["rope_cos"][positions], model["rope_sin"][positions]
+    h = model["tok_embeddings"][tokens]  # (batch, seqlen, dim)
+    for i, layer in enumerate(model["layers"]):
+        x = rms_norm(h, layer["attention_norm"], model["norm_eps"])
+        q = F.linear(x, layer["wq"]).view(batch, seqlen, model["n_heads"], model["head_dim"])
+        k = F.linear(x, layer["wk"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
+        v = F.linear(x, layer["wv"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens,
+                        block_table=block_table, cache_batch_idx=cache_batch_idx, causal=True)
+        h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
+        x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
+        h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
+    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"]).float()
+
+
+def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal).
+
+    q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into the cache
+    at positions cache_seqlens[b] + 0..seqlen-1. k_cache, v_cache: a pool (num_blocks, block_size, n_kv_heads,
+    head_dim) read through block_table (batch, blocks_per_seq), or rows (cache_batch, max_seq_len, n_kv_heads,
+    head_dim) read at cache_batch_idx (batch,). Returns q's shape."""
+    seqlen = q.shape[1]
+    positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
+    if block_table is not None:
+        block_size = k_cache.shape[1]
+        blocks = block_table.long().gather(1, positions // block_size)  # physical block of each new token
+        k_cache[blocks, positions % block_size], v_cache[blocks, positions % block_size] = k, v
+        keys = k_cache[block_table.long()].flatten(1, 2)  # (batch, blocks_per_seq * block_size, n_kv_heads, head_dim)
+        values = v_cache[block_table.long()].flatten(1, 2)
+    else:
+        rows = cache_batch_idx.long()
+        k_cache[rows[:, None], positions], v_cache[rows[:, None], positions] = k, v
+        # Like flash-attn, read no further than the longest row's tokens, not all max_seq_len of them.
+        longest = int(positions.max()) + 1
+        keys, values = k_cache[rows, :longest], v_cache[rows, :longest]  # (batch, longest, n_kv_heads, head_dim)
+    # Query i of a row sees the keys up to its own position: flash-attn's causal mask, aligned to the bottom
+    # right. Keys past the row's length (unwritten cache, spare blocks) are never visible.
+    mask = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= positions[:, :, None]  # (batch, seqlen, keys)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask[:, None], enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+# The attention kernel, chosen once: flash-attn's where it runs (a CUDA GPU with flash-attn installed),
+# attention_torch everywhere else. forward() calls it by this name.
+if DEVICE.type == "cuda" and flash_attn_with_kvcache is not None:
+    attention, KERNEL = flash_attn_with_kvcache, "flash-attn"
+else:
+    attention, KERNEL = attention_torch, "pytorch"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and the KV budget.
+
+@dataclass
+class Request:
+    id: int                   # position in the prompt list
+    prompt_ids: list
+    ref_length: int | None    # --ref-lengths: generate exactly this many tokens
+    tokens: list = field(default_factory=list)  # prompt + generated so far; all but the newest are cached
+    cache_row: int = -1       # which row of the cache (or of the block table) belongs to this request
+    done: bool = False
+    score: float = 0.0        # --beams: this beam's summed log-probability
+    root: object = None       # --beams: the request of the prompt this beam is a search for
+
+    @property
+    def generated_ids(self):
+        return self.tokens[len(self.prompt_ids):]
+
+
+def append_token(req, token, stop_ids, max_seq_len):
+    req.tokens.append(token)
+    if req.ref_length is not None:
+        req.done = len(req.generated_ids) >= req.ref_length
+    else:
+        req.done = token in stop_ids
+    req.done = req.done or len(req.tokens) >= max_seq_len
+
+
+def allocate_kv(shape):
+    """K and V, each of `shape`, zeroed; on a CPU, one line instead if the machine hasn't the memory."""
+    gb = 2 * math.prod(shape) * DTYPE.itemsize / 1e9
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    if DEVICE.type == "cpu" and gb > ram_gb:  # fail now, not after the machine starts swapping
+        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's {ram_gb:.3g} GB: lower --kv-budget-tokens")
+    return torch.zeros(shape, dtype=DTYPE, device=DEVICE), torch.zeros(shape, dtype=DTYPE, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged KV cache.
+
+class KVCacheManager:
+    """Hands out the blocks of one KV pool as requests grow, and takes them back when they end.
+
+    One manager serves all layers: block b holds block_size tokens of K and V in every layer, so a request's
+    blocks are the same in layer 0 and layer 31. Row r of block_table lists, in order, the blocks of the request
+    that holds row r: its token t lives in block block_table[r, t // block_size], at offset t % block_size.
+    flash-attn reads that table directly.
+
+    Requests share blocks: ref_count[b] counts the requests holding block b, and b goes back to the free list
+    only when the last of them lets go. A fork (--samples, --beams) holds all its parent's blocks. Nobody writes
+    into a full block again, so only a shared last block, partly filled, is ever copied: just before the first
+    write into it (copy-on-write). With prefix sharing, a new request also holds the full blocks of its prompt
+    that the cache already has, found by their tokens and the block before them.
+    """
+
+    def __init__(self, num_blocks, block_size, num_rows, max_blocks_per_request, device, share_prefixes=False):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_blocks = deque(range(num_blocks))  # O(1) to take from and give back to
+        self.ref_count = [0] * num_blocks            # requests holding each block; 0: free
+        self.shared = 0                              # sum of ref_count - 1 over held blocks: the blocks saved
+        self.free_rows = deque(range(num_rows))      # forks come and go, so rows of block_table are handed out too
+        self.blocks = {}  # request id -> its blocks, in order
+        self.rows = {}    # request id -> its row of block_table
+        # (num_rows, max_blocks_per_request) int32, where the kernel reads it. It lives from step to step: a
+        # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
+        self.block_table = torch.zeros(num_rows, max_blocks_per_request, dtype=torch.int32, device=device)
+        self.new_entries = []  # (row, column, block) handed out since block_table was last written
+        self.copies = {}       # new block -> the shared block it must be a copy of before this step's writes
+        self.prefix = {} if share_prefixes else None  # (block before it or -1, its tokens) -> a full block
+        self.prefix_key = {}   # block -> its key in self.prefix
+
+    def blocks_for(self, num_tokens):
+        return -(-num_tokens // self.block_size)  # ceil(num_tokens / block_size)
+
+    def can_allocate(self, num_tokens):
+        return self.blocks_for(num_tokens) <= len(self.free_blocks)
+
+    def cached_tokens(self, token_ids):
+        """How many leading tokens of token_ids the cache holds already, in whole blocks (prefix sharing)."""
+        return len(self._cached_prefix(token_ids)) * self.block_size
+
+    def allocate(self, req_id, num_tokens, token_ids=()):
+        """Blocks for a new request's first num_tokens tokens, and a row. Returns the row. Its first
+        cached_tokens(token_ids) tokens are in the cache already: it shares those blocks. The full blocks of
+        token_ids (the tokens its prefill writes) can be shared in turn."""
+        self.blocks[req_id], self.rows[req_id] = [], self.free_rows.popleft()
+        for block in self._cached_prefix(token_ids):
+            self._hold(req_id, block)
+        while len(self.blocks[req_id]) < self.blocks_for(num_tokens):
+            self._hold(req_id, self.free_blocks.popleft())
+        for j in range(len(token_ids) // self.block_size if self.prefix is not None else 0):
+            key = self._key(token_ids, j, self.blocks[req_id][j - 1] if j else -1)
+            if key not in self.prefix:  # (it is if block j was found there)
+                self.prefix[key], self.prefix_key[self.blocks[req_id][j]] = self.blocks[req_id][j], key
+        return self.rows[req_id]
+
+    def fork(self, parent_id, child_id):
+        """A new request holding all its parent's blocks. Returns its row."""
+        self.blocks[child_id], self.rows[child_id] = [], self.free_rows.popleft()
+        for block in self.blocks[parent_id]:
+            self._hold(child_id, block)
+        return self.rows[child_id]
+
+    def needs_block(self, req_id, num_tokens):
+        """Does a request that holds num_tokens tokens need one more block than it has, or a copy of its last?"""
+        blocks = self.blocks[req_id]
+        return num_tokens > len(blocks) * self.block_size or self.ref_count[blocks[-1]] > 1
+
+    def append_block(self, req_id, num_tokens):
+        """Room for token num_tokens - 1: a new block if it starts one; else, if others share the last block, a
+        copy of it, which becomes this request's own (the others must not see the write)."""
+        blocks = self.blocks[req_id]
+        if num_tokens > len(blocks) * self.block_size:
+            self._hold(req_id, self.free_blocks.popleft())
+        elif self.ref_count[blocks[-1]] > 1:  # (no longer, if its other holders copied it first)
+            shared, blocks[-1] = blocks[-1], self.free_blocks.popleft()
+            self.ref_count[blocks[-1]] = 1
+            self.new_entries.append((self.rows[req_id], len(blocks) - 1, blocks[-1]))
+            self.copies[blocks[-1]] = shared
+            self._release(shared)
+
+    def free(self, req_id):
+        """A finished (or preempted) request lets go of all its blocks at once: those nobody else holds go back."""
+        for block in self.blocks.pop(req_id):
+            self._release(block)
+        self.free_rows.append(self.rows.pop(req_id))
+
+    def block_tables(self, rows, width):
+        """The tables of a batch, read from block_table: (batch, width) int32, rows (batch,) in batch order."""
+        if self.new_entries:  # one write for all the blocks handed out since the last call
+            row, column, block = zip(*self.new_entries)
+            self.block_table[row, column] = torch.tensor(block, dtype=torch.int32, device=self.block_table.device)
+            self.new_entries.clear()
+        return self.block_table[:, :width].index_select(0, rows)
+
+    def _hold(self, req_id, block):
+        """Add block to the end of a request's blocks: a free one, or one that others hold too."""
+        self.ref_count[block] += 1
+        self.shared += self.ref_count[block] > 1
+        self.new_entries.append((self.rows[req_id], len(self.blocks[req_id]), block))
+        self.blocks[req_id].append(block)
+
+    def _release(self, block):
+        self.ref_count[block] -= 1
+        if self.ref_count[block]:
+            self.shared -= 1
+            return
+        self.free_blocks.append(block)
+        self.copies.pop(block, None)  # a copy into a block nobody holds any more: a beam search preempted
+        if block in self.prefix_key:  # its tokens leave the cache
+            del self.prefix[self.prefix_key.pop(block)]
+
+    def _cached_prefix(self, token_ids):
+        """The blocks holding token_ids' leading full blocks, as far as the cache has them; never the one with the
+        last token, which a prefill must compute to give the next token's logits."""
+        blocks = []
+        while self.prefix is not None and len(blocks) < (len(token_ids) - 1) // self.block_size:
+            block = self.prefix.get(self._key(token_ids, len(blocks), blocks[-1] if blocks else -1))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def _key(self, token_ids, j, previous):
+        """Block j of token_ids: its tokens, and the block before it, which stands for all the tokens before."""
+        return previous, tuple(token_ids[j * self.block_size:(j + 1) * self.block_size])
+
+
+def make_kv_cache(model, budget_tokens, num_requests, args):
+    """The pool, K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim), and its manager."""
+    if args.block_size < 1 or KERNEL == "flash-attn" and args.block_size % 256:
+        fail(f"--block-size must be positive{' and a multiple of 256 for flash-attn' * (KERNEL == 'flash-attn')}, "
+             f"got {args.block_size}")
+    num_blocks = budget_tokens // args.block_size
+    per_prompt = max(args.samples, args.beams or 1)
+    if per_prompt > num_blocks:  # each sample or beam soon holds a block of its own
+        fail(f"{per_prompt} samples or beams of a prompt need at least as many KV blocks, but the budget holds "
+             f"{num_blocks} blocks of {args.block_size} tokens")
+    kv_cache = allocate_kv((len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"]))
+    # A block-table row for every sequence that can run at once: each prompt's samples (or beams), and no more
+    # prompts than there are blocks, since each one holds at least one.
+    return kv_cache, KVCacheManager(num_blocks, args.block_size, min(num_requests, num_blocks) * per_prompt,
+                                    -(-args.max_seq_len // args.block_size), DEVICE, args.prefix_sharing)
+
+
+def with_samples(requests, samples):
+    """--samples S: each prompt's request S times in a row, ids 0..N*S-1. generate() forks all but the first."""
+    return [Request(i * samples + s, r.prompt_ids, r.ref_length, list(r.tokens))
+            for i, r in enumerate(requests) for s in range(samples)]
+
+
+def pick_tokens(logits, batch, args):
+    """Each request's next token from its row of logits (batch, vocab): the likeliest at --temperature 0, else a
+    sample. A sample's random numbers come from a generator seeded by --seed, the prompt, which sample it is and
+    the position, so neither the rest of the batch, nor sharing, nor preemption changes it."""
+    if args.temperature == 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits / args.temperature, dim=-1)  # (batch, vocab)
+    seeds = [hash((args.seed, r.id // args.samples, r.id % args.samples, len(r.tokens))) for r in batch]  # ints: stable
+    uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device,
+                                      generator=torch.Generator(probs.device).manual_seed(seed)) for seed in seeds])
+    # An exponential race: -log(uniform) / probs[i] is exponential with rate probs[i], and token i finishes first
+    # with probability probs[i]. The winner barely depends on rounding in the logits.
+    return (uniform.log() / probs).argmax(-1).tolist()
+
+
+def step_beams(group, logits, args, stop_ids, new_ids):
+    """One step of a prompt's beam search. group: its beams, live and stopped; logits: (live beams, vocab). The
+    `args.beams` best of (a live beam and any token) and (a stopped beam), by summed log-probability, survive: a
+    live beam's best winner extends it, each further winner forks a new beam from it, and a beam that wins
+    nothing is dropped. Returns the new group, the forks [(parent, child)] and the dropped beams."""
+    live = [b for b in group if not b.done]
+    scores = torch.tensor([b.score for b in live], dtype=torch.float64, device=logits.device)
+    total = torch.log_softmax(logits.float(), dim=-1).double() + scores[:, None]  # (live beams, vocab)
+    values, indices = total.flatten().topk(args.beams)
+    vocab = logits.shape[-1]
+    candidates = [(value, live[i // vocab], i % vocab) for value, i in zip(values.tolist(), indices.tolist())]
+    candidates += [(b.score, b, None) for b in group if b.done]
+    kept, forks, extended = [], [], set()
+    for score, beam, token in sorted(candidates, key=lambda c: -c[0])[:args.beams]:
+        if token is not None:
+            if beam.id in extended:  # another winner from the same beam: a new beam forks from it
+                beam, parent = Request(next(new_ids), beam.prompt_ids, beam.ref_length, beam.tokens[:-1], root=beam.root), beam
+                forks.append((parent, beam))
+            extended.add(beam.id)
+            append_token(beam, token, stop_ids, args.max_seq_len)
+            beam.score = score
+        kept.append(beam)
+    return kept, forks, [b for b in live if b.id not in extended]
+
+
+def preempt(running, waiting, groups, swapped, manager, kv_cache, args, stats):
+    """The newest request gives its blocks back and waits: to be recomputed from its tokens or, with --preempt
+    swap, to get its K and V back from host memory. A beam search starts over: its beams move together.
+    Returns the requests taken off the running list, newest last."""
+    victim, stats["preemptions"] = running[-1], stats["preemptions"] + 1
+    if victim.root is not None:
+        root = victim.root
+        victims = [r for r in running if r.root is root]
+        running[:] = [r for r in running if r.root is not root]
+        for beam in victims:
+            manager.free(beam.id)
+        del groups[root.id]
+        root.tokens, root.score, root.done = list(root.prompt_ids), 0.0, False
+        waiting.appendleft(root)
+        return victims
+    if args.preempt == "swap":  # the K and V of its cached tokens, (n_layers, blocks, block_size, ...) each
+        blocks = manager.blocks[victim.id][:manager.blocks_for(len(victim.tokens) - 1)]
+        swapped[victim.id] = kv_cache[0][:, blocks].cpu(), kv_cache[1][:, blocks].cpu()
+        stats["swapped_bytes"] += 2 * swapped[victim.id][0].nbytes
+    manager.free(victim.id)
+    waiting.appendleft(running.pop())
+    return [victim]
+
+
+def generate(model, requests, kv_cache, manager, args, stop_ids):
+    """Run every request to its end, as many at a time as the blocks allow. Returns the stats."""
+    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0,
+             "reserved_at_peak_use": 0, "preemptions": 0, "manager_seconds": 0.0, "shared_blocks_peak": 0,
+             "peak_unshared_tokens": 0, "prefix_hit_tokens": 0, "cow_copies": 0, "swapped_bytes": 0}
+    waiting = deque(requests[::args.samples])  # each prompt's first sample; the others fork from it
+    running = []  # in the order they were admitted, forks right after their parent: the newest is preempted first
+    swapped = {}  # --preempt swap: request id -> its K and V in host memory
+    groups = {}   # --beams: the prompt's request (the root) id -> its beams, live and stopped
+    new_ids = itertools.count(len(requests))  # for new beams
+    while waiting or running:
+        start = time.perf_counter()
+        # 1. Grow: a request whose newest token starts a new block gets one, and one about to write into a block
+        #    it shares gets a copy. Oldest first, since the last of a block's holders to ask keeps it: while no
+        #    block is free, the newest request is preempted.
+        preempted = set()  # ids
+        for req in [r for r in running if manager.needs_block(r.id, len(r.tokens))]:
+            while req.id not in preempted and manager.needs_block(req.id, len(req.tokens)) and not manager.free_blocks:
+                preempted |= {r.id for r in preempt(running, waiting, groups, swapped, manager, kv_cache, args, stats)}
+            if req.id not in preempted:
+                manager.append_block(req.id, len(req.tokens))
+        if manager.copies:  # copy on write, in every layer at once, before any token is written
+            new, shared = list(manager.copies), list(manager.copies.values())
+            for cache in kv_cache:  # (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
+                cache[:, new] = cache[:, shared]
+            stats["cow_copies"] += len(new)
+            manager.copies.clear()
+        # 2. Admit waiting requests, first come first served, while the blocks they need, less those the cache
+        #    holds already, fit; but not right after a preemption. A request that starts a --samples or --beams
+        #    group decodes from the next step on, with its forks; one swapped out has its newest token to write.
+        admitted = []
+        while waiting and not preempted:
+            req = waiting[0]
+            starts_group = args.beams is not None or args.samples > 1 and len(req.tokens) == len(req.prompt_ids)
+            written = req.tokens[:-1] if req.id in swapped else req.tokens
+            need, hit = len(written) + (not starts_group), manager.cached_tokens(written)
+            if not manager.can_allocate(need - hit):
+                break
+            waiting.popleft()
+            req.cache_row = manager.allocate(req.id, need, written)
+            stats["prefix_hit_tokens"] += hit
+            admitted.append((req, hit, starts_group))
+        if not running and not admitted:
+            fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
+                 f"{waiting[0].id}, " + (f"searching with {args.beams} beams" if args.beams else
+                                         f"which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}"))
+        stats["manager_seconds"] += time.perf_counter() - start
+
+        # 3. Prefill each admitted request whole, less the blocks it found in the cache: its prompt (after a
+        #    preemption, its prompt and all it had generated) goes through the model in one pass, filling its
+        #    blocks and giving its next token. A request swapped out gets its K and V back instead.
+        joining, forks = [], []  # groups' first requests, and (parent, fork): they join the batch after this step
+        for req, hit, starts_group in admitted:
+            if req.id in swapped:
+                first = hit // manager.block_size  # blocks it found in the cache need no copy
+                for cache, saved in zip(kv_cache, swapped.pop(req.id)):
+                    cache[:, manager.blocks[req.id][first:saved.shape[1]]] = saved[:, first:].to(DEVICE)
+                    stats["swapped_bytes"] += saved[:, first:].nbytes
+                running.append(req)
+                continue
+            table = manager.block_tables(torch.tensor([req.cache_row], device=DEVICE), manager.blocks_for(len(req.tokens)))
+            logits = forward(model, torch.tensor([req.tokens[hit:]], device=DEVICE),
+                             torch.tensor([hit], dtype=torch.int32, device=DEVICE), kv_cache, block_table=table)
+            if args.beams:  # the best first tokens start the beams
+                req.root, req.score = req, 0.0
+                groups[req.id], new_forks, _ = step_beams([req], logits, args, stop_ids, new_ids)
+                forks += new_forks
+            else:  # with --samples, each sample draws its own first token from the prompt's logits
+                family = requests[req.id:req.id + args.samples] if starts_group else [req]
+                for r, token in zip(family, pick_tokens(logits.expand(len(family), -1), family, args)):
+                    append_token(r, token, stop_ids, args.max_seq_len)
+                forks += [(req, r) for r in family[1:] if not r.done]
+            (joining if starts_group else running).append(req)
+
+        # 4. One decode step for every running request, in one batch.
+        batch = [r for r in running if not r.done]
+        if batch:
+            tokens, cache_seqlens, rows = batch_inputs(batch)
+            start = time.perf_counter()
+            table = manager.block_tables(rows, manager.blocks_for(max(len(r.tokens) for r in batch)))  # (batch, width)
+            stats["manager_seconds"] += time.perf_counter() - start
+            logits = forward(model, tokens, cache_seqlens, kv_cache, block_table=table)
+            if args.beams:  # each prompt keeps its best beams; a dropped beam lets go of its blocks now
+                row = {r.id: i for i, r in enumerate(batch)}
+                for root_id, group in groups.items():
+                    live = [row[b.id] for b in group if not b.done and b.id in row]
+                    if live:
+                        groups[root_id], new_forks, dropped = step_beams(group, logits[live], args, stop_ids, new_ids)
+                        forks += new_forks
+                        for beam in dropped:
+                            manager.free(beam.id)
+                        running = [r for r in running if r.id not in {b.id for b in dropped}]
+            else:
+                for req, token in zip(batch, pick_tokens(logits, batch, args)):
+                    append_token(req, token, stop_ids, args.max_seq_len)
+            stats["decode_steps"] += 1
+            # Tokens held: each running request's cached ones, less those in blocks shared (all of them full).
+            reserved_tokens = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
+            saved_tokens = manager.shared * manager.block_size
+            record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running + joining) - saved_tokens)
+            stats["shared_blocks_peak"] = max(stats["shared_blocks_peak"], manager.shared)
+            stats["peak_unshared_tokens"] = max(stats["peak_unshared_tokens"], reserved_tokens + saved_tokens)
+
+        # 5. Forks join, right after their parent, sharing its blocks; then finished requests let go of theirs.
+        start = time.perf_counter()
+        children = {}
+        for parent, child in forks:
+            child.cache_row = manager.fork(parent.id, child.id)
+            children.setdefault(parent.id, []).append(child)
+        running = [r for parent in running + joining for r in (parent, *children.get(parent.id, []))]
+        for req in running:
+            if req.done:
+                manager.free(req.id)
+        running = [r for r in running if not r.done]
+        stats["manager_seconds"] += time.perf_counter() - start
+    for root_id, group in groups.items():  # every beam has stopped: each prompt's answer is its best beam
+        requests[root_id].tokens, requests[root_id].done = max(group, key=lambda b: b.score).tokens, True
+    if len(manager.free_blocks) != manager.num_blocks:
+        raise RuntimeError(f"{manager.num_blocks - len(manager.free_blocks)} KV blocks were never given back")
+    return stats | {"block_size": manager.block_size, "num_blocks": manager.num_blocks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the three scripts: batch inputs and the report.
+
+def batch_inputs(batch):
+    """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
+    tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=DEVICE)
+    cache_seqlens = torch.tensor([len(r.tokens) - 1 for r in batch], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([r.cache_row for r in batch], dtype=torch.int32, device=DEVICE)
+    return tokens, cache_seqlens, rows
+
+
+def record_memory(stats, reserved_tokens, used_tokens):
+    """After a decode step: KV reserved, and KV holding the running requests' cached tokens."""
+    stats["timeline"].append((reserved_tokens, used_tokens))
+    stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
+    if used_tokens > stats["peak_used_tokens"]:
+        stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
+
+
+def report(stats, name):
+    gb = lambda tokens: f"{tokens * stats['kv_bytes_per_token'] / 1e9:.3g} GB"
+    wasted = stats["reserved_at_peak_use"] - stats["peak_used_tokens"]
+    lines = [
+        f"=== {name} ===",
+        f"requests:              {stats['requests']} ({stats['finished']} finished)",
+        f"generated tokens:      {stats['generated_tokens']} in {stats['wall_seconds']:.2f} s "
+        f"({stats['generated_tokens'] / stats['wall_seconds']:.1f} tokens/s, {stats['decode_steps']} decode steps)",
+        f"attention kernel:      {stats['kernel']}",
+        f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
+        f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
+        f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
+        f"Fragmented Memory: {gb(wasted)} ({100 * wasted / max(1, stats['reserved_at_peak_use']):.1f}% of the KV "
+        f"reserved when the most tokens were held)"]
+    if "block_size" in stats:  # the paged scripts
+        lines += [f"block size:            {stats['block_size']} tokens",
+                  f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
+                  f"preemptions:           {stats['preemptions']}",
+                  f"cache manager time:    {stats['manager_seconds']:.4f} s "
+                  f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
+    requests = []
+    for i, (text, ref_length) in enumerate(load_prompts(args.prompts, args.n, tokenizer)):
+        prompt_ids = encode_chat(tokenizer, text, args.system_prompt)
+        if len(prompt_ids) >= args.max_seq_len:
+            fail(f"prompt {i} has {len(prompt_ids)} tokens: no room to generate within --max-seq-len {args.max_seq_len}")
+        requests.append(Request(i, prompt_ids, max(1, ref_length) if args.ref_lengths else None, list(prompt_ids)))
+    stop_ids = {tokenizer.encode_single_token("<|eot_id|>"), tokenizer.encode_single_token("<|end_of_text|>")}
+    model = load_model(args.ckpt_dir)
+    if model["vocab_size"] < tokenizer.n_vocab:
+        fail(f"the checkpoint's vocab_size {model['vocab_size']} is smaller than the tokenizer's {tokenizer.n_vocab}")
+    model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len)
+    budget_tokens = args.kv_budget_tokens or CPU_KV_BUDGET_TOKENS
+    if DEVICE.type == "cuda" and args.kv_budget_tokens is None:  # the GPU's free memory, less the headroom
+        budget_tokens = max(0, torch.cuda.mem_get_info(DEVICE)[0] - CUDA_HEADROOM_BYTES) // model["kv_bytes_per_token"]
+    try:
+        kv_cache, manager = make_kv_cache(model, budget_tokens, len(requests), args)
+        requests = with_samples(requests, args.samples)
+        start = time.perf_counter()
+        stats = generate(model, requests, kv_cache, manager, args, stop_ids)
+    except torch.cuda.OutOfMemoryError as e:
+        fail(f"out of GPU memory: {str(e).splitlines()[0]}")
+
+    stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL,
+                 generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
+                 kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])
+    stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]
+    timeline = {"reserved_tokens": [r for r, _ in stats["timeline"]], "used_tokens": [u for _, u in stats.pop("timeline")]}
+    texts = [tokenizer.decode(r.generated_ids[:-1] if r.tokens[-1] in stop_ids else r.generated_ids) for r in requests]
+    for req, text in zip(requests, [] if args.quiet else texts):
+        print(f"--- request {req.id}: {len(req.prompt_ids)} prompt tokens, {len(req.generated_ids)} generated ---\n{text}")
+    report(stats, Path(__file__).name)
+    if stats["shared_blocks_peak"] or stats["prefix_hit_tokens"] or stats["swapped_bytes"]:
+        print(f"shared blocks:         {stats['shared_blocks_peak']} at the peak (peak KV reserved without sharing: "
+              f"{stats['peak_unshared_tokens']} tokens)\n"
+              f"prefix cache hits:     {stats['prefix_hit_tokens']} prompt tokens\n"
+              f"copy-on-write copies:  {stats['cow_copies']} blocks\n"
+              f"swapped:               {stats['swapped_bytes']} bytes (to host memory and back)")
+    if args.json:
+        out = [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids, "text": t} for r, t in zip(requests, texts)]
+        try:
+            Path(args.json).write_text(json.dumps({"stats": stats, "timeline": timeline, "requests": out}))
+        except OSError as e:
+            fail(f"cannot write {args.json}: {e.strerror}")
+
+
+if __name__ == "__main__":
+    main()
