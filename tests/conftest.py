@@ -1,11 +1,33 @@
+"""Fixtures and helpers shared by the tests, and a time limit on every test, so that a hang fails."""
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+TEST_TIMEOUT_SECONDS = 120  # per test; the slowest takes about 20 s on a 2-core CPU
+# Tests that pin down the CPU path: explicit small block sizes, the CPU budget, the PyTorch kernel. On a GPU with
+# flash-attn the scripts use its kernel, which takes blocks of 256 and up only, and the budget is the GPU's.
+cpu_path_only = pytest.mark.skipif(torch.cuda.is_available(), reason="pins the CPU path (PyTorch kernel, CPU budget)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_SECONDS))
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The tensors here are tiny: more torch threads only add overhead, a lot of it when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +39,7 @@ def tiny_ckpt(tmp_path_factory):
     return out
 
 
-def run_script(script, *args, timeout=300):
-    """Run llama3-naive.py or llama3-paged.py as a user would; returns the CompletedProcess."""
+def run_script(script, *args, timeout=TEST_TIMEOUT_SECONDS):
+    """Run one of the three scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -1,22 +1,24 @@
-"""Import llama3-paged.py and llama3-naive.py as modules (their file names have hyphens).
+"""Import the three scripts as modules (their file names have hyphens).
 
     from load_scripts import load_script
-    paged = load_script("paged")          # or "llama3-paged", or "llama3-paged.py"
+    paged = load_script("paged")          # "naive", "paged" or "sharing"
 
-The tools' loader does the work: each script is executed once per process and cached (in sys.modules, as
-llama3_paged / llama3_naive). Importing a script runs no inference: both guard main() with
-`if __name__ == "__main__"`.
+Each script is executed once per process and cached in sys.modules (llama3_naive, llama3_paged,
+llama3_paged_sharing). Importing a script runs no inference: each guards main() with `if __name__ == "__main__"`.
 """
+import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import common  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {"naive": "llama3-naive.py", "paged": "llama3-paged.py", "sharing": "llama3-paged-sharing.py"}
 
 
 def load_script(name):
-    """The module for "paged" / "naive" (also accepts "llama3-paged", "llama3-paged.py", ...)."""
-    key = Path(name).name.removesuffix(".py").removeprefix("llama3-")
-    if key not in common.SCRIPTS:
-        raise ValueError(f"unknown script {name!r}: expected one of {sorted(common.SCRIPTS)}")
-    return common.load_script(key)
+    module_name = SCRIPTS[name].removesuffix(".py").replace("-", "_")
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / SCRIPTS[name])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before exec: dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

@@ -1,0 +1,212 @@
+"""The scripts' own generate() loops over random workloads, with the toy model of tests/toy_model.py in place of
+the network: every token each request generates must follow from its own history, which it can only if every
+cache read went to the right slots. Tight budgets force preemption; the paged scripts must give every block back.
+
+Also here: the preemption policy (the newest request goes first), and the manager's bookkeeping checked at every
+model call against the requests' blocks: no block held twice (paged) or ref_count = number of holders (sharing),
+no block both free and held, none lost.
+"""
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from load_scripts import load_script
+from toy_model import VOCAB, check_tokens, toy_forward, toy_model
+
+naive, paged, sharing = load_script("naive"), load_script("paged"), load_script("sharing")
+
+
+def random_workload(rng, max_seq_len, templates=None):
+    """Requests [(prompt, ref_length)]: random tokens, or with templates, prompts that start alike."""
+    spec = []
+    for _ in range(rng.randint(2, 10)):
+        length = rng.randint(1, max_seq_len - 1)
+        if templates:
+            prompt = rng.choice(templates)[:length] + [rng.randrange(VOCAB)] * rng.randint(0, 1)
+            prompt = prompt[:max_seq_len - 1]
+        else:
+            prompt = [rng.randrange(VOCAB) for _ in range(length)]
+        spec.append((prompt, rng.randint(1, max_seq_len)))
+    return spec
+
+
+def make_requests(module, spec):
+    return [module.Request(i, list(prompt), ref_length, list(prompt)) for i, (prompt, ref_length) in enumerate(spec)]
+
+
+def check_manager(manager, sharing_blocks):
+    """The pool is exactly the held blocks plus the free ones; with sharing, ref_count counts each block's holders."""
+    held = Counter(b for blocks in manager.blocks.values() for b in blocks)
+    free = list(manager.free_blocks)
+    assert len(free) == len(set(free)), "a block is free twice"
+    assert not set(free) & set(held), f"blocks both free and held: {sorted(set(free) & set(held))}"
+    assert len(free) + len(held) == manager.num_blocks, "a block was lost: neither free nor held"
+    if sharing_blocks:
+        assert manager.ref_count == [held[b] for b in range(manager.num_blocks)], "ref_count is not the holders"
+        assert manager.shared == sum(n - 1 for n in held.values())
+    else:
+        assert max(held.values(), default=1) == 1, "a block is held by two requests"
+
+
+def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options=(), stop_ids=()):
+    """Run a paged script's generate() on the toy model; checks the manager at every model call."""
+    args = module.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size), *options])
+    if module is paged:
+        manager = paged.KVCacheManager(num_blocks, block_size, len(spec), -(-max_seq_len // block_size), "cpu")
+    else:
+        per_prompt = max(args.samples, args.beams or 1)
+        manager = sharing.KVCacheManager(num_blocks, block_size, len(spec) * per_prompt, -(-max_seq_len // block_size),
+                                         "cpu", args.prefix_sharing)
+
+    def checked_forward(*call, **kwargs):
+        check_manager(manager, module is sharing)
+        return toy_forward(*call, **kwargs)
+
+    monkeypatch.setattr(module, "forward", checked_forward)
+    requests = make_requests(module, spec)
+    if module is sharing:
+        requests = sharing.with_samples(requests, args.samples)
+    stats = module.generate(None, requests, toy_model(num_blocks, block_size), manager, args, set(stop_ids))
+    assert sorted(manager.free_blocks) == list(range(num_blocks)) and not manager.blocks
+    return requests, stats
+
+
+def random_case(seed):
+    rng = random.Random(seed)
+    block_size = [1, 2, 3, 4, 7, 16][seed % 6]
+    max_seq_len = rng.randint(2, 8) * block_size + rng.randint(2, 9)
+    need_most = -(-max_seq_len // block_size)
+    return rng, block_size, max_seq_len, rng.randint(need_most, 3 * need_most)  # room for the longest, rarely all
+
+
+PREEMPTED = {}  # seed -> preemptions, to check that the random runs do preempt
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_paged_loop_on_random_workloads(seed, monkeypatch):
+    rng, block_size, max_seq_len, num_blocks = random_case(seed)
+    spec = random_workload(rng, max_seq_len)
+    requests, stats = run_paged(paged, spec, block_size, num_blocks, max_seq_len, monkeypatch)
+    for req, (prompt, ref_length) in zip(requests, spec):
+        assert req.done and len(req.tokens) == min(len(prompt) + ref_length, max_seq_len)
+        assert check_tokens(prompt, req.tokens) is None, f"request {req.id}: {check_tokens(prompt, req.tokens)}"
+    PREEMPTED[seed] = stats["preemptions"]
+
+
+def test_random_workloads_do_preempt():
+    if len(PREEMPTED) < 30:
+        pytest.skip("needs every test_paged_loop_on_random_workloads case to run first")
+    assert sum(n > 0 for n in PREEMPTED.values()) >= 10, PREEMPTED
+
+
+SHARED = {}  # seed -> the sharing run's stats
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_sharing_loop_on_random_workloads(seed, monkeypatch):
+    """Samples, beams, prefix sharing and swap, at random, under budgets that often preempt."""
+    rng, block_size, max_seq_len, _ = random_case(seed)
+    # Prompts that start alike; from two tokens only for half the seeds, so that equal blocks follow unequal ones.
+    alphabet = VOCAB if seed % 4 < 2 else 2
+    templates = [[rng.randrange(alphabet) for _ in range(max_seq_len)] for _ in range(3)]
+    spec = random_workload(rng, max_seq_len, templates)
+    kind, width = ["samples", "beams", "greedy"][seed % 3], rng.randint(1, 3)
+    need_most = -(-max_seq_len // block_size)
+    num_blocks = rng.randint(need_most, 2 * need_most) * width  # room for a prompt's samples or beams, rarely all
+    options = {"samples": ["--samples", str(width), "--temperature", "1.0", "--seed", str(seed)],
+               "beams": ["--beams", str(width)], "greedy": []}[kind]
+    options += ["--preempt", rng.choice(["swap", "recompute"])] + ["--prefix-sharing"] * (seed % 2)
+    requests, SHARED[seed] = run_paged(sharing, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
+    for req in requests:
+        assert req.done, f"request {req.id} never finished"
+        problem = check_tokens(req.prompt_ids, req.tokens, greedy=kind != "samples")
+        assert problem is None, f"request {req.id}: {problem}"
+    if kind != "beams":  # a beam search's answer is its best beam, of whatever length it stopped at
+        assert all(len(r.tokens) == min(len(r.prompt_ids) + r.ref_length, max_seq_len) for r in requests)
+
+
+def test_random_sharing_workloads_share_copy_swap_and_preempt():
+    """The random sharing runs are not vacuous: blocks were shared, copied on write, found in the prefix cache,
+    swapped, and requests preempted, in many of them."""
+    if len(SHARED) < 60:
+        pytest.skip("needs every test_sharing_loop_on_random_workloads case to run first")
+    runs = Counter(k for stats in SHARED.values() for k in ("shared_blocks_peak", "cow_copies", "prefix_hit_tokens",
+                                                            "swapped_bytes", "preemptions") if stats[k])
+    assert min(runs.values()) >= 5 and runs["preemptions"] >= 20 and len(runs) == 5, runs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_three_loops_agree_on_greedy_tokens(seed, monkeypatch):
+    """naive, paged and sharing (with no sharing option, and with prefix sharing) generate the same tokens."""
+    rng, block_size, max_seq_len, num_blocks = random_case(seed)
+    spec = random_workload(rng, max_seq_len, [[rng.randrange(VOCAB) for _ in range(max_seq_len)]])
+    monkeypatch.setattr(naive, "forward", toy_forward)
+    requests = make_requests(naive, spec)
+    cache = (torch.full((1, len(spec), max_seq_len), -1), torch.full((1, len(spec), max_seq_len), -1))
+    naive.generate(None, requests, cache, naive.parse_args(["1", "--max-seq-len", str(max_seq_len)]), set())
+    want = [r.tokens for r in requests]
+    assert all(check_tokens(p, t) is None for (p, _), t in zip(spec, want))
+    for module, options in ((paged, []), (sharing, []), (sharing, ["--prefix-sharing"])):
+        got, _ = run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
+        assert [r.tokens for r in got] == want, f"{module.__name__} {options}"
+
+
+def test_stop_tokens_end_requests(monkeypatch):
+    """Without --ref-lengths a request ends at a stop token (kept as its last token) or at max_seq_len."""
+    spec = [([5, 6, 7], None), ([8, 9], None), ([1, 2, 3, 4], None)]
+    stop = set(range(VOCAB // 2))  # about half the tokens stop
+    requests, _ = run_paged(paged, spec, 4, 20, 30, monkeypatch, stop_ids=stop)
+    for (prompt, _), req in zip(spec, requests):
+        generated = req.tokens[len(prompt):]
+        assert check_tokens(prompt, req.tokens) is None
+        assert all(t not in stop for t in generated[:-1])
+        assert generated[-1] in stop or len(req.tokens) == 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: the newest request goes first, and one that cannot fit even alone gets one line.
+
+def test_the_newest_request_is_preempted_first(monkeypatch):
+    """Block size 4, 6 blocks. A (5 tokens), B (5) and C (5) are admitted in that order, 2 blocks each: the pool is
+    full. At the 4th decode step all three need a third block: C, the newest, gives its 2 blocks back, and A and B
+    grow. C waits, and comes back when A finishes; it was preempted once, and everyone's tokens are right."""
+    spec = [([1, 2, 3, 4, 5], 6), ([6, 7, 8, 9, 10], 7), ([11, 12, 13, 14, 15], 9)]
+    freed = []
+    monkeypatch.setattr(paged.KVCacheManager, "free", lambda self, req_id, free=paged.KVCacheManager.free:
+                        (freed.append((req_id, list(self.blocks))), free(self, req_id))[1])
+    requests, stats = run_paged(paged, spec, 4, 6, 64, monkeypatch)
+    assert stats["preemptions"] == 1
+    assert freed[0] == (2, [0, 1, 2]), "the first request to let go must be C, the newest, while all three held blocks"
+    assert all(check_tokens(p, r.tokens) is None for (p, _), r in zip(spec, requests))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_preemption_takes_the_newest_running_request(seed, monkeypatch):
+    """Over random workloads: whenever a request still running gives its blocks back, it is the newest held."""
+    rng, block_size, max_seq_len, num_blocks = random_case(seed + 100)
+    spec = random_workload(rng, max_seq_len)
+    requests = {}
+    real_free = paged.KVCacheManager.free
+
+    def free(self, req_id):
+        if not requests[req_id].done:  # a preemption
+            assert req_id == list(self.blocks)[-1], f"preempted {req_id}, but the newest held is {list(self.blocks)[-1]}"
+        real_free(self, req_id)
+
+    real_generate = paged.generate
+
+    def generate(model, reqs, *rest):
+        requests.update({r.id: r for r in reqs})
+        return real_generate(model, reqs, *rest)
+
+    monkeypatch.setattr(paged.KVCacheManager, "free", free)
+    monkeypatch.setattr(paged, "generate", generate)
+    run_paged(paged, spec, block_size, num_blocks, max_seq_len, monkeypatch)
+
+
+def test_a_request_that_outgrows_the_pool_gets_one_line(monkeypatch):
+    """A request that outgrows the whole pool preempts itself, and generate() stops with a one-line error."""
+    with pytest.raises(SystemExit, match="cannot hold request 0, which needs 4"):
+        run_paged(paged, [([0, 1], 20)], 4, 3, 64, monkeypatch)  # 12 tokens in all; the 13th finds no room

@@ -1,0 +1,58 @@
+"""The three scripts share their tokenizer, model, report and argument checks word for word, so that `diff`
+between neighbours shows one lesson and little else. These tests fail when a shared part drifts in one file."""
+import ast
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
+# Top-level definitions identical in all three scripts.
+SHARED = ["DEVICE", "DTYPE", "CUDA_HEADROOM_BYTES", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES",
+          "load_tokenizer", "encode_chat", "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope",
+          "forward", "attention_torch", "attention", "append_token", "allocate_kv", "batch_inputs", "record_memory",
+          "report"]
+
+
+def definitions(script):
+    """name -> source text of each top-level def, class and assignment (the kernel choice is named `attention`)."""
+    source = (ROOT / script).read_text()
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.If) and "attention" in ast.unparse(node.body[0]):
+            found["attention"] = ast.get_source_segment(source, node)
+    return found
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_parts_are_identical_in_all_three(name):
+    texts = {script: definitions(script).get(name) for script in SCRIPTS}
+    assert all(texts.values()), f"{name} is missing from {[s for s, t in texts.items() if not t]}"
+    assert texts[SCRIPTS[1]] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {SCRIPTS[1]}"
+    assert texts[SCRIPTS[2]] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {SCRIPTS[2]}"
+
+
+def test_request_is_identical_in_naive_and_paged():
+    """(The sharing script's requests also carry a beam's score and root.)"""
+    assert definitions(SCRIPTS[0])["Request"] == definitions(SCRIPTS[1])["Request"]
+
+
+def test_argument_checks_are_shared():
+    """Every line of llama3-naive.py's parse_args (its options, help and checks) is in the others', in order:
+    the paged scripts only add options."""
+    naive = definitions(SCRIPTS[0])["parse_args"].splitlines()
+    for script in SCRIPTS[1:]:
+        lines = iter(definitions(script)["parse_args"].splitlines())
+        missing = [line for line in naive if line.strip() != "args = p.parse_args(argv)" and line not in lines]
+        assert not missing, f"{script}'s parse_args lacks, or reorders, naive's lines: {missing}"
+
+
+def test_the_kernel_is_called_by_name_where_attention_happens():
+    for script in SCRIPTS:
+        forward = definitions(script)["forward"]
+        assert "out = attention(q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens," in forward
+        assert "attention, KERNEL = flash_attn_with_kvcache, \"flash-attn\"" in definitions(script)["attention"]
