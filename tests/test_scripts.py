@@ -1,11 +1,16 @@
-"""End-to-end: both scripts on a tiny random checkpoint, as a user runs them."""
+"""End to end: the three scripts on a tiny random checkpoint, as a user runs them."""
 import json
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, cpu_path_only, run_script
 from load_scripts import load_script
+
+SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
 
 N = 6
 # --max-seq-len 384 keeps every run to a few seconds: of the first 6 prompts, 4 stop at their reference
@@ -38,7 +43,7 @@ def test_naive_output_depends_on_the_prompt(naive):
 
 def test_reference_lengths_and_max_seq_len_set_each_length(naive, tiny_ckpt):
     # --ref-lengths: as many tokens as the reference answer, unless max_seq_len (384 here) comes first.
-    tokenizer = load_script("llama3-paged.py").load_tokenizer(tiny_ckpt / "tokenizer.model")
+    tokenizer = load_script("paged").load_tokenizer(tiny_ckpt / "tokenizer.model")
     entries = json.loads((ROOT / "sharegpt-filtered.json").read_text())[:N]
     for entry, req in zip(entries, naive[0]["requests"]):
         ref_length = len(tokenizer.encode_ordinary(entry["conversations"][1]["value"].strip()))
@@ -46,6 +51,7 @@ def test_reference_lengths_and_max_seq_len_set_each_length(naive, tiny_ckpt):
     assert any(len(r["prompt_ids"]) + len(r["generated_ids"]) == 384 for r in naive[0]["requests"])
 
 
+@cpu_path_only
 @pytest.mark.parametrize("block_size", [1, 7, 16, 256])
 def test_paged_matches_naive_token_for_token(naive, tiny_ckpt, tmp_path, block_size):
     paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--block-size", block_size)
@@ -54,20 +60,30 @@ def test_paged_matches_naive_token_for_token(naive, tiny_ckpt, tmp_path, block_s
     assert paged["stats"]["preemptions"] == 0
 
 
-@pytest.mark.parametrize("preempt", ["recompute", "swap"])
-def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path, preempt):
+def test_sharing_script_without_sharing_options_is_the_paged_script(tiny_ckpt, tmp_path):
+    paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", 600)
+    same, stdout = run_json("llama3-paged-sharing.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", 600)
+    assert generated(same) == generated(paged) and same["timeline"] == paged["timeline"]
+    assert same["stats"]["preemptions"] == paged["stats"]["preemptions"] > 0
+    assert "shared blocks:" not in stdout  # the sharing lines show only when a run shared or swapped
+
+
+@cpu_path_only
+@pytest.mark.parametrize("script,preempt", [("llama3-paged.py", None), ("llama3-paged-sharing.py", "recompute"),
+                                            ("llama3-paged-sharing.py", "swap")])
+def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path, script, preempt):
     budget = 600  # tokens: one naive request of 384, or all six paged ones with a few preempted
     refused = run_script("llama3-naive.py", N, "--ckpt-dir", tiny_ckpt, "--kv-budget-tokens", budget, *COMMON)
     assert refused.returncode == 1
     assert "needs 6 x 384 = 2304 tokens" in refused.stderr and "budget is 600 tokens" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
-    paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, "--block-size", 16,
-                        "--preempt", preempt)
+    options = ["--preempt", preempt] if preempt else []
+    paged, _ = run_json(script, tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, "--block-size", 16, *options)
     stats = paged["stats"]
     assert stats["preemptions"] > 0, "the budget is meant to force preemption"
     # Swapped out, a request's K and V go to host memory and come back; recomputed, nothing is swapped.
-    assert (stats["swapped_bytes"] > 0) == (preempt == "swap")
+    assert stats.get("swapped_bytes", 0) > 0 if preempt == "swap" else not stats.get("swapped_bytes")
     assert stats["finished"] == N and stats["peak_reserved_tokens"] <= budget
     assert generated(paged) == generated(naive[0])
 
@@ -75,12 +91,12 @@ def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, t
 def test_stop_at_max_seq_len_without_reference_lengths(tiny_ckpt, tmp_path):
     args = ["--max-seq-len", 120, "--quiet"]
     runs = []
-    for script in ("llama3-naive.py", "llama3-paged.py"):
+    for script in SCRIPTS:
         out = tmp_path / f"{script}.json"
         result = run_script(script, 3, "--ckpt-dir", tiny_ckpt, "--json", out, *args)
         assert result.returncode == 0, result.stderr
         runs.append(json.loads(out.read_text()))
-    assert generated(runs[0]) == generated(runs[1])
+    assert generated(runs[0]) == generated(runs[1]) == generated(runs[2])
     # A random model never says <|eot_id|>, so each request runs to max_seq_len exactly.
     assert all(len(r["prompt_ids"]) + len(r["generated_ids"]) == 120 for r in runs[0]["requests"])
 
@@ -116,6 +132,7 @@ def test_responses_are_printed_unless_quiet(tiny_ckpt):
     assert result.stdout.index("--- request 1") < result.stdout.index("=== llama3-paged.py ===")
 
 
+@cpu_path_only
 def test_default_budget_fits_seven_naive_requests_not_eight(tiny_ckpt):
     # The CPU default is the KV room of a 24 GB card beside Llama-3-8B: 7 requests of 8192 tokens fit, 8 don't.
     result = run_script("llama3-naive.py", 8, "--ckpt-dir", tiny_ckpt, "--ref-lengths", "--quiet")
@@ -135,20 +152,24 @@ def write(path, text):
 
 
 BAD_INPUTS = {
-    "N zero": (lambda d, c: ["0"], "N must be a positive integer"),
-    "N not a number": (lambda d, c: ["many"], "N must be a positive integer"),
-    "N negative": (lambda d, c: ["-3"], "N must be a positive integer"),
+    "N zero": (lambda d, c: ["0"], "N must be positive, got 0"),
+    "N not a number": (lambda d, c: ["many"], "argument N: invalid int value: 'many'"),
+    "N negative": (lambda d, c: ["-3"], "N must be positive, got -3"),
     "N too large": (lambda d, c: ["3", "--prompts", write(d / "two.json", json.dumps(
-        [{"conversations": [{"from": "human", "value": "hi"}]}] * 2))], "has only 2 usable prompts"),
-    "no checkpoint": (lambda d, c: ["1", "--ckpt-dir", d / "nowhere"], "not found"),
+        [{"conversations": [{"from": "human", "value": "hi"}]}] * 2))], "asked for 3 prompts but"),
+    "no checkpoint": (lambda d, c: ["1", "--ckpt-dir", d / "nowhere"], "tokenizer.model not found"),
     "garbage checkpoint": (lambda d, c: ["1", "--ckpt-dir", copy_ckpt(c, d, weights=b"not a checkpoint")],
                            "cannot load the checkpoint"),
     "params without keys": (lambda d, c: ["1", "--ckpt-dir", copy_ckpt(c, d, params='{"dim": 128}')],
-                            "params.json lacks n_layers, n_heads, vocab_size, norm_eps"),
+                            "has no 'n_layers'"),
+    "tensor missing": (lambda d, c: ["1", "--ckpt-dir", copy_ckpt(c, d, drop="layers.1.feed_forward.w2.weight")],
+                       "has no 'layers.1.feed_forward.w2.weight'"),
+    "json unwritable": (lambda d, c: ["1", "--max-seq-len", "60", "--json", d / "missing" / "out.json"],
+                        "cannot write"),
     "prompts missing": (lambda d, c: ["1", "--prompts", d / "absent.json"], "cannot read prompts file"),
     "prompts not JSON": (lambda d, c: ["1", "--prompts", write(d / "bad.json", "{oops")], "is not valid JSON"),
     "no usable prompt": (lambda d, c: ["1", "--prompts", write(d / "empty.json", '[{"conversations": []}]')],
-                         "has no usable prompt"),
+                         "empty.json has 0 (ShareGPT entries with a human turn)"),
     "prompt too long": (lambda d, c: ["1", "--max-seq-len", "20"], "no room to generate within --max-seq-len 20"),
     "unknown option": (lambda d, c: ["1", "--bogus"], "unrecognized arguments: --bogus"),
     "budget not positive": (lambda d, c: ["1", "--kv-budget-tokens", "0"], "--kv-budget-tokens must be positive"),
@@ -158,13 +179,32 @@ PAGED_ONLY = {
     "budget below one request": (lambda d, c: ["1", "--kv-budget-tokens", "40", "--ref-lengths"],
                                  "cannot hold request 0"),
 }
+SHARING_ONLY = {
+    "samples zero": (lambda d, c: ["1", "--samples", "0"], "--samples and --beams must be positive, got 0 and None"),
+    "beams zero": (lambda d, c: ["1", "--beams", "0"], "--samples and --beams must be positive, got 1 and 0"),
+    "temperature negative": (lambda d, c: ["1", "--temperature", "-1"], "--temperature must be a number >= 0"),
+    "temperature nan": (lambda d, c: ["1", "--temperature", "nan"], "--temperature must be a number >= 0"),
+    "beams with samples": (lambda d, c: ["1", "--beams", "2", "--samples", "2"], "without --samples and --temperature"),
+    "beams with temperature": (lambda d, c: ["1", "--beams", "2", "--temperature", "0.5"], "without --samples"),
+    "preempt unknown": (lambda d, c: ["1", "--preempt", "drop"], "argument --preempt: invalid choice: 'drop'"),
+    "samples not a number": (lambda d, c: ["1", "--samples", "many"], "argument --samples: invalid int value"),
+    "more samples than blocks": (lambda d, c: ["1", "--kv-budget-tokens", "160", "--samples", "11", "--temperature",
+                                               "1"], "11 samples or beams of a prompt need at least as many KV blocks"),
+    "more beams than blocks": (lambda d, c: ["1", "--kv-budget-tokens", "160", "--beams", "11"],
+                               "but the budget holds 10 blocks of 16 tokens"),
+}
+# A sharing option given to llama3-paged.py names the script that has it.
+PAGED_ONLY.update({f"sharing option {option}": (lambda d, c, option=option: ["1", option, *value],
+                                                "(run llama3-paged-sharing.py for them)")
+                   for option, value in (("--samples", ["2"]), ("--beams", ["2"]), ("--prefix-sharing", []),
+                                         ("--preempt=swap", []))})
 NAIVE_ONLY = {
     "budget below one request": (lambda d, c: ["1", "--kv-budget-tokens", "4000"],
                                  "needs 1 x 8192 = 8192 tokens"),
 }
 
 
-def copy_ckpt(src, dest, weights=None, params=None):
+def copy_ckpt(src, dest, weights=None, params=None, drop=None):
     dest = dest / "ckpt"
     dest.mkdir()
     for name in ("params.json", "consolidated.00.pth", "tokenizer.model"):
@@ -173,22 +213,64 @@ def copy_ckpt(src, dest, weights=None, params=None):
         (dest / "consolidated.00.pth").write_bytes(weights)
     if params is not None:
         (dest / "params.json").write_text(params)
+    if drop is not None:
+        state = torch.load(dest / "consolidated.00.pth", weights_only=True)
+        del state[drop]
+        torch.save(state, dest / "consolidated.00.pth")
     return dest
 
 
-CASES = [(s, name, *case) for s in ("llama3-naive.py", "llama3-paged.py") for name, case in BAD_INPUTS.items()]
-CASES += [("llama3-paged.py", name, *case) for name, case in PAGED_ONLY.items()]
+CASES = [(s, name, *case) for s in SCRIPTS for name, case in BAD_INPUTS.items()]
+CASES += [(s, name, *case) for s in SCRIPTS[1:] for name, case in PAGED_ONLY.items() if "sharing option" not in name]
+CASES += [("llama3-paged.py", name, *case) for name, case in PAGED_ONLY.items() if "sharing option" in name]
+CASES += [("llama3-paged-sharing.py", name, *case) for name, case in SHARING_ONLY.items()]
 CASES += [("llama3-naive.py", name, *case) for name, case in NAIVE_ONLY.items()]
 
 
-@pytest.mark.parametrize("script,name,make_args,message", CASES, ids=[f"{c[0][7:12]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("script,name,make_args,message", CASES, ids=[f"{c[0][7:-3]}-{c[1]}" for c in CASES])
 def test_bad_input_gets_one_line_and_nonzero_exit(tiny_ckpt, tmp_path, script, name, make_args, message):
+    """In process, to keep the suite quick: fail() exits with its one-line message, which Python prints to
+    stderr with exit status 1 (the next test checks that as a user sees it). Any other exception fails the test."""
     args = [str(a) for a in make_args(tmp_path, tiny_ckpt)]
     if "--ckpt-dir" not in args:
         args += ["--ckpt-dir", str(tiny_ckpt)]
-    result = run_script(script, *args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"{script}: error: ") and message in lines[0], lines[0]
+    with pytest.raises(SystemExit) as exit:
+        load_script({"llama3-naive.py": "naive", "llama3-paged.py": "paged"}.get(script, "sharing")).main(args)
+    line = exit.value.code
+    assert isinstance(line, str) and "\n" not in line, line
+    assert line.startswith(f"{script}: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_as_a_user_sees_it(tiny_ckpt, script):
+    result = run_script(script, 1, "--ckpt-dir", tiny_ckpt, "--max-seq-len", 1)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == f"{script}: error: --max-seq-len must be from 2 to 131072 (Llama 3.1's context), got 1\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_option_has_help_and_machine_defaults(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0
+    options = re.findall(r"^  (-[-\w]+|N)", result.stdout, re.M)
+    assert "--ckpt-dir" in options and "--prompts" in options and len(options) >= 9
+    for option in options:  # each option's help text follows it on its line, or the next
+        entry = result.stdout.split(option, 1)[1].split("\n  -", 1)[0]
+        assert re.search(r"[a-z]{3,}", entry.replace(option, "")), f"{option} has no help text"
+    budget = "free GPU memory" if torch.cuda.is_available() else "default here: 61691"
+    assert budget in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("tiny_exists", [False, True])
+def test_missing_checkpoint_names_the_command_and_the_folder(tmp_path, tiny_exists):
+    """Run from a copy of the project: the message says how to make the tiny checkpoint, or that it is there."""
+    for name in ("llama3-naive.py", "sharegpt-filtered.json"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    if tiny_exists:
+        (tmp_path / "checkpoints" / "tiny").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "tiny" / "params.json").write_text("{}")
+    result = subprocess.run([sys.executable, "llama3-naive.py", "1"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "pass --ckpt-dir checkpoints/tiny" in result.stderr
+    assert ("python tools/make_checkpoint.py checkpoints/tiny" in result.stderr) != tiny_exists
