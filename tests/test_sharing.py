@@ -1,9 +1,10 @@
-"""Sharing KV blocks in llama3-paged.py: --samples, --beams, --system-prompt (prefix sharing) and --preempt swap.
+"""Sharing KV blocks in llama3-paged-sharing.py: --samples, --beams, --system-prompt --prefix-sharing, --preempt swap.
 
 End-to-end runs on the tiny random checkpoint check that sharing changes no token, only memory; in-process
-runs of generate() check the cache itself against from-scratch recomputes: each sample's K and V after
-the samples diverge, and beam search against a plain one that recomputes every beam with a fresh cache.
-Every run here uses one thread: the tensors are tiny, and other work on the machine makes extra threads slow.
+runs of generate() check the cache itself against from-scratch recomputes: each sample's K and V after the
+samples diverge, the K and V a swapped-out request gets back, prefix blocks found after different blocks, and
+beam search against a plain one that recomputes every beam with a fresh cache. The manager's reference counts,
+copy-on-write and prefix lookup are also checked step by step on small cases worked out by hand.
 """
 import json
 import re
@@ -14,7 +15,7 @@ import torch
 from conftest import run_script
 from load_scripts import load_script
 
-paged = load_script("paged")
+sharing = load_script("sharing")
 N = 3
 # The first 3 prompts (44, 27 and 72 tokens) stop at 160 tokens or at their reference length (71 for the second).
 COMMON = ["--ref-lengths", "--max-seq-len", 160, "--quiet"]
@@ -22,19 +23,9 @@ SYSTEM = ("You are a careful assistant. Answer in plain words, say so when you a
           "answer short unless the user asks for detail. Never invent a source.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
-        yield
-    torch.set_num_threads(threads)
-
-
 def run_json(ckpt, tmp_path, *args, n=N):
     out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}.json"
-    result = run_script("llama3-paged.py", n, "--ckpt-dir", ckpt, "--json", out, *args)
+    result = run_script("llama3-paged-sharing.py", n, "--ckpt-dir", ckpt, "--json", out, *args)
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text()), result.stdout
 
@@ -111,9 +102,9 @@ def test_prefix_sharing_changes_no_token(tiny_ckpt, tmp_path):
     alone, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM)
     assert generated(shared) == generated(alone)
     prompts = [r["prompt_ids"] for r in shared["requests"]]
-    tokenizer = paged.load_tokenizer(tiny_ckpt / "tokenizer.model")
+    tokenizer = sharing.load_tokenizer(tiny_ckpt / "tokenizer.model")
     # Llama 3's chat format: the system turn right after <|begin_of_text|>, then the user's.
-    before_user_text = paged.encode_chat(tokenizer, "", SYSTEM)[:-5]  # less <|eot_id|> and the assistant header
+    before_user_text = sharing.encode_chat(tokenizer, "", SYSTEM)[:-5]  # less <|eot_id|> and the assistant header
     assert tokenizer.decode(before_user_text) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
                                                   f"{SYSTEM}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n")
     assert all(p[:len(before_user_text)] == before_user_text for p in prompts) and len(before_user_text) > 32
@@ -130,62 +121,25 @@ def test_prefix_sharing_changes_no_token(tiny_ckpt, tmp_path):
     assert shared["stats"]["peak_reserved_tokens"] < alone["stats"]["peak_reserved_tokens"]
 
 
-BAD_INPUTS = {
-    "samples zero": (["--samples", "0"], "--samples must be positive, got 0"),
-    "beams zero": (["--beams", "0"], "--beams must be positive, got 0"),
-    "temperature negative": (["--temperature", "-1"], "--temperature must be a number >= 0, got -1.0"),
-    "temperature nan": (["--temperature", "nan"], "--temperature must be a number >= 0"),
-    "beams with samples": (["--beams", "2", "--samples", "2"], "use it without --samples and --temperature"),
-    "beams with temperature": (["--beams", "2", "--temperature", "0.5"], "use it without --samples and --temperature"),
-    "preempt unknown": (["--preempt", "drop"], "argument --preempt: invalid choice: 'drop'"),
-    "samples not a number": (["--samples", "many"], "argument --samples: invalid int value: 'many'"),
-}
-
-
-@pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_gets_one_line_and_nonzero_exit(name):
-    """fail() exits with its one-line message, which Python prints to stderr with exit status 1."""
-    args, message = BAD_INPUTS[name]
-    with pytest.raises(SystemExit) as exit:
-        paged.parse_args(["1", *args])
-    assert isinstance(exit.value.code, str) and "\n" not in exit.value.code
-    assert exit.value.code.startswith("llama3-paged.py: error: ") and message in exit.value.code
-
-
-def test_bad_input_as_a_user_sees_it(tiny_ckpt):
-    result = run_script("llama3-paged.py", 1, "--ckpt-dir", tiny_ckpt, "--samples", 0)
-    assert result.returncode == 1 and result.stderr == "llama3-paged.py: error: --samples must be positive, got 0\n"
-
-
-@pytest.mark.parametrize("option", [["--samples", 11, "--temperature", 1], ["--beams", 11]])
-def test_more_samples_or_beams_than_blocks_get_one_line(tiny_ckpt, option):
-    # 10 blocks of 16 tokens: every sample or beam soon holds a block of its own, so 11 can never run.
-    result = run_script("llama3-paged.py", 1, "--ckpt-dir", tiny_ckpt, "--kv-budget-tokens", 160, *option)
-    assert result.returncode == 1 and result.stderr == ("llama3-paged.py: error: 11 samples or beams of a prompt "
-                                                        "need at least as many KV blocks, but the budget holds 10 "
-                                                        "blocks of 16 tokens\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # In process: the cache against from-scratch recomputes.
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    model = paged.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
-    model["rope_cos"], model["rope_sin"] = paged.rope_tables(model, 128, "cpu")
-    model["attention"], model["kernel_name"] = paged.pick_attention(torch.device("cpu"))
+    model = sharing.load_model(tiny_ckpt)
+    model["rope_cos"], model["rope_sin"] = sharing.rope_tables(model, 128)
     return model
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny_ckpt):
-    tokenizer = paged.load_tokenizer(tiny_ckpt / "tokenizer.model")
-    return [paged.encode_chat(tokenizer, text) for text in ("Why is the sky blue?", "Name three prime numbers.")]
+    tokenizer = sharing.load_tokenizer(tiny_ckpt / "tokenizer.model")
+    return [sharing.encode_chat(tokenizer, text) for text in ("Why is the sky blue?", "Name three prime numbers.")]
 
 
 def run_generate(model, requests, args, budget_tokens=4096, stop_ids=frozenset()):
-    kv_cache, manager = paged.make_kv_cache(model, budget_tokens, len(requests), args, torch.device("cpu"), torch.float32)
-    stats = paged.generate(model, requests, kv_cache, manager, args, set(stop_ids), torch.device("cpu"))
+    kv_cache, manager = sharing.make_kv_cache(model, budget_tokens, len(requests), args)
+    stats = sharing.generate(model, requests, kv_cache, manager, args, set(stop_ids))
     return stats, kv_cache, manager
 
 
@@ -194,7 +148,7 @@ def prefill_from_scratch(model, tokens):
     log-probabilities (float64): each (n_layers, len(tokens), n_kv_heads, head_dim)."""
     shape = (len(model["layers"]), 1, len(tokens), model["n_kv_heads"], model["head_dim"])
     cache = (torch.zeros(shape), torch.zeros(shape))
-    logits = paged.forward(model, torch.tensor([tokens]), torch.zeros(1, dtype=torch.int32), cache,
+    logits = sharing.forward(model, torch.tensor([tokens]), torch.zeros(1, dtype=torch.int32), cache,
                            cache_batch_idx=torch.zeros(1, dtype=torch.int32))
     return cache[0][:, 0], cache[1][:, 0], torch.log_softmax(logits[0].float(), dim=-1).double()
 
@@ -202,9 +156,9 @@ def prefill_from_scratch(model, tokens):
 def test_each_sample_caches_its_own_tokens(model, prompts):
     """After the samples diverge, each one's K and V, read through its own block table when it finishes,
     equal a from-scratch prefill of its own tokens; and they did share the prompt's blocks until then."""
-    args = paged.parse_args(["1", "--samples", "3", "--temperature", "1.5", "--seed", "3", "--block-size", "5",
-                             "--max-seq-len", "80"])
-    requests = paged.with_samples([paged.Request(0, prompts[0], 24, list(prompts[0]))], 3)
+    args = sharing.parse_args(["1", "--samples", "3", "--temperature", "1.5", "--seed", "3", "--block-size", "5",
+                               "--max-seq-len", "80"])
+    requests = sharing.with_samples([sharing.Request(0, prompts[0], 24, list(prompts[0]))], 3)
     seen = {}
 
     def read_then_free(req_id):  # every sample's cache, just before it gives its blocks back
@@ -213,9 +167,9 @@ def test_each_sample_caches_its_own_tokens(model, prompts):
         seen[req_id] = (kv_cache[0][:, blocks].flatten(1, 2)[:, :cached], kv_cache[1][:, blocks].flatten(1, 2)[:, :cached])
         free(req_id)
 
-    kv_cache, manager = paged.make_kv_cache(model, 4096, len(requests), args, torch.device("cpu"), torch.float32)
+    kv_cache, manager = sharing.make_kv_cache(model, 4096, len(requests), args)
     free, manager.free = manager.free, read_then_free
-    stats = paged.generate(model, requests, kv_cache, manager, args, set(), torch.device("cpu"))
+    stats = sharing.generate(model, requests, kv_cache, manager, args, set())
 
     assert len({tuple(r.generated_ids) for r in requests}) == 3, "samples at temperature 1.5 should differ"
     # The prompt (16 tokens) ends inside its fourth block: the two forks copy it, and share the three before.
@@ -230,9 +184,9 @@ def test_samples_do_not_depend_on_the_batch_or_on_their_number(model, prompts):
     """A sample's randomness is its own: a prompt's first two samples are the same alone or beside a third
     sample and another prompt's samples."""
     def sample(prompt_list, count):
-        args = paged.parse_args(["1", "--samples", str(count), "--temperature", "1.0", "--seed", "11",
-                                 "--max-seq-len", "80"])
-        requests = paged.with_samples([paged.Request(i, p, 12, list(p)) for i, p in enumerate(prompt_list)], count)
+        args = sharing.parse_args(["1", "--samples", str(count), "--temperature", "1.0", "--seed", "11",
+                                   "--max-seq-len", "80"])
+        requests = sharing.with_samples([sharing.Request(i, p, 12, list(p)) for i, p in enumerate(prompt_list)], count)
         run_generate(model, requests, args)
         return [r.generated_ids for r in requests]
 
@@ -268,8 +222,8 @@ def test_beam_search_matches_a_search_that_recomputes_every_beam(model, prompts,
         stop_ids = {prefill_from_scratch(model, prompts[0])[2].topk(2).indices[1].item()}
         done = lambda tokens, p: tokens[-1] in stop_ids or len(tokens) >= len(p) + 8
         ref_length, max_seq_len = None, len(prompts[0]) + 8
-    args = paged.parse_args(["2", "--beams", str(width), "--block-size", "4", "--max-seq-len", str(max_seq_len)])
-    requests = [paged.Request(i, p, ref_length, list(p)) for i, p in enumerate(prompts)]
+    args = sharing.parse_args(["2", "--beams", str(width), "--block-size", "4", "--max-seq-len", str(max_seq_len)])
+    requests = [sharing.Request(i, p, ref_length, list(p)) for i, p in enumerate(prompts)]
     if stop != "length":
         requests = requests[:1]
     stats, _, manager = run_generate(model, requests, args, stop_ids=stop_ids)
@@ -284,14 +238,162 @@ def test_beam_search_matches_a_search_that_recomputes_every_beam(model, prompts,
 
 def test_beam_search_under_preemption_starts_over_and_gives_the_same_answer(model, prompts):
     """A preempted beam search (its beams move together) starts over from its prompt, after the older one."""
-    args = paged.parse_args(["2", "--beams", "3", "--block-size", "4", "--max-seq-len", "64"])
+    args = sharing.parse_args(["2", "--beams", "3", "--block-size", "4", "--max-seq-len", "64"])
     answers = []
     for budget in (4096, 48):  # 12 blocks: one prompt's 3 beams of 26 tokens fit (in 10), both don't
-        requests = [paged.Request(i, p, 10, list(p)) for i, p in enumerate(prompts)]
+        requests = [sharing.Request(i, p, 10, list(p)) for i, p in enumerate(prompts)]
         stats, _, _ = run_generate(model, requests, args, budget_tokens=budget)
         answers.append([r.tokens for r in requests])
         assert (stats["preemptions"] > 0) == (budget == 48)
     assert answers[0] == answers[1]
-    requests = [paged.Request(i, p, 10, list(p)) for i, p in enumerate(prompts)]
+    requests = [sharing.Request(i, p, 10, list(p)) for i, p in enumerate(prompts)]
     with pytest.raises(SystemExit, match="cannot hold request 0, searching with 3 beams"):
         run_generate(model, requests, args, budget_tokens=32)  # 8 blocks: one prompt's beams don't fit
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap and prefix sharing, in process.
+
+def test_swap_gives_a_request_back_the_k_and_v_it_had(model, prompts, monkeypatch):
+    """Every request swapped out finds, when it next runs, its cached K and V as they were, block by block."""
+    args = sharing.parse_args(["2", "--block-size", "4", "--max-seq-len", "80", "--preempt", "swap"])
+    requests = [sharing.Request(i, p, 30, list(p)) for i, p in enumerate(prompts)]
+    kv_cache, manager = sharing.make_kv_cache(model, 72, len(requests), args)  # 18 blocks: too few for both
+    had, checked = {}, []
+    real_preempt, real_forward = sharing.preempt, sharing.forward
+
+    def preempt(running, *rest):
+        victim = running[-1]
+        cached = len(victim.tokens) - 1
+        had[victim.id] = [cache[:, manager.blocks[victim.id]].flatten(1, 2)[:, :cached].clone() for cache in kv_cache]
+        return real_preempt(running, *rest)
+
+    def forward(*call, **kwargs):  # the next model call after a swapped request is back
+        for req_id in [r for r in had if r in manager.blocks]:
+            for cache, before in zip(kv_cache, had.pop(req_id)):
+                for j, block in enumerate(manager.blocks[req_id][:-(-before.shape[1] // 4)]):
+                    assert torch.equal(cache[:, block, :before.shape[1] - 4 * j], before[:, 4 * j:4 * j + 4]), \
+                        f"request {req_id}'s block {j} came back changed"
+            checked.append(req_id)
+        return real_forward(*call, **kwargs)
+
+    monkeypatch.setattr(sharing, "preempt", preempt)
+    monkeypatch.setattr(sharing, "forward", forward)
+    stats = sharing.generate(model, requests, kv_cache, manager, args, set())
+    assert stats["preemptions"] > 0 and stats["swapped_bytes"] > 0 and checked and not had
+
+
+P, Q, R, S = [1000, 1001, 1002, 1003], [2000, 2001, 2002, 2003], [3000, 3001, 3002, 3003], [4000, 4001, 4002, 4003]
+
+
+def test_prefix_lookup_follows_the_chain_of_blocks():
+    """Block size 4. After [P, Q, 7] and [R, Q, 8] are cached, [R, Q, S, 9] finds R and the Q that followed R, not
+    the Q that followed P: a block's K and V depend on every token before it, not only its own."""
+    m = sharing.KVCacheManager(num_blocks=20, block_size=4, num_rows=8, max_blocks_per_request=8, device="cpu",
+                               share_prefixes=True)
+    m.allocate(0, 10, P + Q + [7])
+    assert m.cached_tokens(R + Q + [8]) == 0  # its first block is not R
+    m.allocate(1, 10, R + Q + [8])
+    assert m.blocks[1][1] != m.blocks[0][1], "Q after R must be a block of its own"
+    assert m.cached_tokens(R + Q + S + [9]) == 8 and m.cached_tokens(P + Q + S + [9]) == 8
+    m.allocate(2, 14, R + Q + S + [9])
+    assert m.blocks[2][:2] == m.blocks[1][:2] and m.blocks[2][2] not in m.blocks[0] + m.blocks[1]
+    assert m.cached_tokens(Q + Q + [1]) == 0 and m.cached_tokens(P + P + [1]) == 4
+    for req_id in (0, 1, 2):
+        m.free(req_id)
+    assert not m.prefix and not m.prefix_key and sorted(m.free_blocks) == list(range(20))
+
+
+def test_prefix_sharing_after_different_blocks_changes_no_token(model):
+    """The same three prompts generate the same tokens with and without prefix sharing; the third finds 8 tokens."""
+    prompts = [P + Q + [7], R + Q + [8], R + Q + S + [9]]
+    runs = []
+    for options in ([], ["--prefix-sharing"]):
+        args = sharing.parse_args(["3", "--block-size", "4", "--max-seq-len", "64", *options])
+        requests = [sharing.Request(i, p, 12, list(p)) for i, p in enumerate(prompts)]
+        stats, _, _ = run_generate(model, requests, args)
+        runs.append(([r.tokens for r in requests], stats["prefix_hit_tokens"]))
+    assert runs[0][0] == runs[1][0]
+    assert (runs[0][1], runs[1][1]) == (0, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager, step by step.
+
+def test_fork_copy_on_write_and_ref_counts():
+    """block_size 4: a prompt of 6 tokens forked twice, as --samples 3 does. All three write their 7th token into the
+    shared, partly filled block: asked in turn, the first two get copies of it and the last keeps it. The full
+    block stays shared; a block goes back to the free list only when its last holder lets go."""
+    m = sharing.KVCacheManager(num_blocks=8, block_size=4, num_rows=24, max_blocks_per_request=4, device="cpu")
+    m.allocate("p", 6)  # a group's root, prefilled; it decodes from the next step on, with its forks
+    full, partial = m.blocks["p"]
+    m.fork("p", "a")
+    m.fork("p", "b")
+    assert m.ref_count[full] == m.ref_count[partial] == 3 and m.shared == 4 and len(m.free_blocks) == 6
+    assert all(m.needs_block(r, 7) for r in "pab")
+    for r in "pab":
+        m.append_block(r, 7)
+    copies = dict(m.copies)
+    assert list(copies.values()) == [partial, partial] and partial not in copies
+    assert m.blocks["p"] == [full, list(copies)[0]] and m.blocks["a"] == [full, list(copies)[1]]
+    assert m.blocks["b"] == [full, partial]
+    assert m.ref_count[full] == 3 and m.ref_count[partial] == 1 and m.shared == 2
+    assert m.block_tables(torch.tensor([m.rows[r] for r in "pab"]), 2).tolist() == [m.blocks[r] for r in "pab"]
+    m.free("p")  # the root finishes: its copy goes back, the full block stays with the forks
+    assert m.blocks.keys() == {"a", "b"} and m.ref_count[full] == 2 and m.shared == 1 and len(m.free_blocks) == 5
+    assert not any(m.needs_block(r, 8) for r in "ab")  # token 8 fills the second block
+    assert all(m.needs_block(r, 9) for r in "ab")      # token 9 starts a third: nothing to copy
+    m.copies.clear()
+    for r in "ab":
+        m.append_block(r, 9)
+    assert not m.copies and len(m.blocks["a"]) == len(m.blocks["b"]) == 3
+    m.free("a")
+    assert m.ref_count[full] == 1 and m.shared == 0
+    m.free("b")
+    assert sorted(m.free_blocks) == list(range(8)) and m.ref_count == [0] * 8 and sorted(m.free_rows) == list(range(24))
+
+
+def test_fork_at_a_block_boundary_shares_only_full_blocks():
+    """A beam forked when its tokens fill their blocks exactly shares them all and copies nothing: its next token
+    starts a block of its own."""
+    m = sharing.KVCacheManager(num_blocks=8, block_size=4, num_rows=16, max_blocks_per_request=4, device="cpu")
+    m.allocate("p", 8)
+    m.fork("p", "c")
+    for r in "pc":
+        assert m.needs_block(r, 9)
+        m.append_block(r, 9)
+    assert not m.copies and m.blocks["p"][:2] == m.blocks["c"][:2] and m.blocks["p"][2] != m.blocks["c"][2]
+    assert m.shared == 2
+
+
+def test_prefix_sharing_reuses_full_blocks_only():
+    """Full blocks of a prompt that match, with everything before them, a block in the cache are shared; the block
+    holding the prompt's last token never is (its prefill gives the next token); a block leaves the index when it
+    goes back to the free list."""
+    m = sharing.KVCacheManager(num_blocks=10, block_size=4, num_rows=4, max_blocks_per_request=4, device="cpu",
+                               share_prefixes=True)
+    system = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # two full blocks and one token more
+    assert m.cached_tokens(system + [10]) == 0
+    m.allocate("a", 11, system + [10])    # prefill 10 tokens, decode 1: 3 blocks, 2 of them full
+    a = list(m.blocks["a"])
+    assert m.cached_tokens(system + [11, 12]) == 8
+    assert m.cached_tokens(system[:8]) == 4  # its last token's block is computed, not shared
+    assert m.cached_tokens([1, 2, 3, 4, 0, 6, 7, 8, 9]) == 4
+    assert m.cached_tokens([0, 2, 3, 4, 5, 6, 7, 8, 9]) == 0
+    free_before = len(m.free_blocks)
+    m.allocate("b", 12, system + [11, 12])  # 3 blocks, 2 of them shared
+    assert m.blocks["b"][:2] == a[:2] and free_before - len(m.free_blocks) == 1
+    assert [m.ref_count[x] for x in a] == [2, 2, 1] and m.shared == 2
+    m.free("a")
+    assert a[2] in m.free_blocks and a[0] not in m.free_blocks and m.cached_tokens(system + [10]) == 8
+    m.free("b")
+    assert m.cached_tokens(system + [10]) == 0 and not m.prefix and not m.prefix_key
+    assert sorted(m.free_blocks) == list(range(10)) and m.shared == 0
+
+
+def test_no_prefix_sharing_without_the_option():
+    m = sharing.KVCacheManager(num_blocks=10, block_size=4, num_rows=4, max_blocks_per_request=4, device="cpu")
+    m.allocate("a", 11, list(range(10)))
+    assert m.cached_tokens(list(range(12))) == 0
+    m.allocate("b", 13, list(range(12)))
+    assert not set(m.blocks["a"]) & set(m.blocks["b"])
