@@ -1,4 +1,7 @@
-"""attention_torch, the pure-PyTorch stand-in for flash-attn's flash_attn_with_kvcache, against a dense reference.
+"""attention_torch, the PyTorch function that takes flash-attn's place where it can't run, against a dense reference.
+
+The three scripts hold the same attention_torch (tests/test_twins.py checks it), so llama3-paged.py's is tested.
+It only has to handle what the scripts pass: causal=True, and a block table or cache_batch_idx.
 
 The reference below is written from flash-attn's documented semantics, one batch row and one head at a
 time: the keys of row b are its cached keys [0, cache_seqlens[b]) followed by the new keys; query head
@@ -12,17 +15,13 @@ columns) holds random values, not zeros, so reading one changes the result.
 """
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # pytest puts it there, unless in importlib mode
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_scripts import load_script  # noqa: E402
+from load_scripts import load_script
 
-SCRIPTS = ["paged", "naive"]  # both files carry their own copy of attention_torch
+attention_torch = load_script("paged").attention_torch
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 # (cache_seqlens, seqlen_q): decode (seqlen_q 1) and prefill (seqlen_q > 1), from an empty cache and
@@ -37,15 +36,6 @@ SHAPES = [
     ([16, 10, 1], 17),
 ]
 HEADS = [(8, 2), (4, 4)]  # grouped-query (4 query heads per kv head) and plain multi-head
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (tens of ms per op when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_close(got, want, rtol, atol):
@@ -91,21 +81,17 @@ def make_inputs(gen, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim, dty
     return q, k, v, torch.tensor(cache_seqlens, dtype=torch.int32)
 
 
-def contiguous_case(seed, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim=8, dtype=torch.float64,
-                    use_batch_idx=True):
-    """A (cache_batch, max_seq_len, ...) cache; with use_batch_idx, the batch reads a shuffled subset of its rows."""
+def contiguous_case(seed, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim=8, dtype=torch.float64):
+    """A (cache_batch, max_seq_len, ...) cache, of which the batch reads a shuffled subset of rows."""
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     q, k, v, seqlens = make_inputs(gen, cache_seqlens, seqlen_q, n_heads, n_kv_heads, head_dim, dtype)
     batch = len(cache_seqlens)
     max_seq_len = max(cache_seqlens) + seqlen_q + 3  # room to spare past every row's end
-    if use_batch_idx:
-        cache_batch = batch + 3
-        rows = rng.sample(range(cache_batch), batch)
-        if batch > 1 and rows == sorted(rows):  # make sure the rows are out of order
-            rows.reverse()
-        cache_batch_idx = torch.tensor(rows, dtype=torch.int32)
-    else:
-        cache_batch, cache_batch_idx = batch, None
+    cache_batch = batch + 3
+    rows = rng.sample(range(cache_batch), batch)
+    if batch > 1 and rows == sorted(rows):  # make sure the rows are out of order
+        rows.reverse()
+    cache_batch_idx = torch.tensor(rows, dtype=torch.int32)
     k_cache = torch.randn(cache_batch, max_seq_len, n_kv_heads, head_dim, generator=gen, dtype=dtype)
     v_cache = torch.randn(cache_batch, max_seq_len, n_kv_heads, head_dim, generator=gen, dtype=dtype)
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=seqlens,
@@ -148,8 +134,7 @@ def expected_cache(case):
     return k_cache, v_cache
 
 
-def check(script, case, causal):
-    attention_torch = load_script(script).attention_torch
+def check(case, causal=True):
     before = {name: case[name].clone() for name in ("k_cache", "v_cache")}
     want = reference(**{**case, **before}, causal=causal)
     want_k_cache, want_v_cache = expected_cache(case)
@@ -163,44 +148,30 @@ def check(script, case, causal):
     assert torch.equal(case["v_cache"], want_v_cache), "v_cache: wrong slots written, or a new value missing"
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{'-'.join(map(str, s[0]))}_q{s[1]}")
-@pytest.mark.parametrize("use_batch_idx", [True, False], ids=["batch_idx", "no_batch_idx"])
-def test_contiguous_cache(script, causal, heads, shape, use_batch_idx):
-    seed = hash((tuple(shape[0]), shape[1], heads, causal, use_batch_idx)) % 2**31
-    case = contiguous_case(seed, *shape, *heads, use_batch_idx=use_batch_idx)
-    check(script, case, causal)
+def test_contiguous_cache(heads, shape):
+    check(contiguous_case(hash((tuple(shape[0]), shape[1], heads)) % 2**31, *shape, *heads))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{'-'.join(map(str, s[0]))}_q{s[1]}")
 @pytest.mark.parametrize("block_size", [1, 5, 16])
-def test_paged_cache(script, causal, heads, shape, block_size):
-    seed = hash((tuple(shape[0]), shape[1], heads, causal, block_size)) % 2**31
-    case = paged_case(seed, *shape, *heads, block_size)
-    check(script, case, causal)
+def test_paged_cache(heads, shape, block_size):
+    check(paged_case(hash((tuple(shape[0]), shape[1], heads, block_size)) % 2**31, *shape, *heads, block_size))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("layout", ["paged", "batch_idx", "no_batch_idx"])
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
 @pytest.mark.parametrize("shape", [([0, 7, 33], 1), ([3, 0], 5)], ids=["decode", "prefill"])
-def test_float32(script, layout, shape):
+def test_float32(layout, shape):
     if layout == "paged":
-        case = paged_case(7, *shape, 8, 2, block_size=5, head_dim=16, dtype=torch.float32)
+        check(paged_case(7, *shape, 8, 2, block_size=5, head_dim=16, dtype=torch.float32))
     else:
-        case = contiguous_case(7, *shape, 8, 2, head_dim=16, dtype=torch.float32,
-                               use_batch_idx=layout == "batch_idx")
-    check(script, case, causal=True)
+        check(contiguous_case(7, *shape, 8, 2, head_dim=16, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_paged_and_contiguous_agree(script):
+def test_paged_and_contiguous_agree():
     """The same tokens laid out in blocks and in rows give the same outputs and the same cached tokens."""
-    attention_torch = load_script(script).attention_torch
     cache_seqlens, seqlen_q, block_size = [0, 7, 33, 16], 3, 5
     paged = paged_case(11, cache_seqlens, seqlen_q, 8, 2, block_size)
     # Copy each row's cached tokens out of its blocks into a contiguous cache, read through shuffled rows.

@@ -1,8 +1,10 @@
-"""GPU-only: flash-attn's flash_attn_with_kvcache against the PyTorch fallback, on the same inputs.
-Skipped on machines without CUDA (and, for the flash-attn tests, without flash-attn)."""
+"""GPU-only: flash-attn's flash_attn_with_kvcache against the PyTorch fallback and against the CPU stand-in written
+from its contract (tests/flash_attn_standin.py), on the same inputs. Skipped on machines without CUDA (and, for the
+flash-attn tests, without flash-attn): there the stand-in is what checks the scripts' flash-attn path."""
 import pytest
 import torch
 
+import flash_attn_standin
 from load_scripts import load_script
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,7 +42,7 @@ CASES = [(True, 1, [0, 300, 1000]), (True, 37, [0, 255, 513]), (False, 1, [5, 70
 @flash
 @pytest.mark.parametrize("paged,seqlen,cache_seqlens", CASES)
 def test_flash_attn_matches_the_fallback(paged, seqlen, cache_seqlens):
-    fallback = load_script("llama3-paged.py").attention_torch
+    fallback = load_script("paged").attention_torch
     q, k_cache, v_cache, k, v, lens, index = inputs(paged, seqlen, cache_seqlens)
     k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
     expected = fallback(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True, **index)
@@ -52,9 +54,21 @@ def test_flash_attn_matches_the_fallback(paged, seqlen, cache_seqlens):
 @cuda
 @pytest.mark.parametrize("paged,seqlen,cache_seqlens", CASES)
 def test_fallback_on_cuda_matches_cpu(paged, seqlen, cache_seqlens):
-    fallback = load_script("llama3-paged.py").attention_torch
+    fallback = load_script("paged").attention_torch
     gpu = inputs(paged, seqlen, cache_seqlens, dtype=torch.float32, device="cuda")
     cpu = inputs(paged, seqlen, cache_seqlens, dtype=torch.float32, device="cpu")
     out_gpu = fallback(*gpu[:5], cache_seqlens=gpu[5], **gpu[6])
     out_cpu = fallback(*cpu[:5], cache_seqlens=cpu[5], **cpu[6])
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-4, rtol=1e-4)
+
+
+@flash
+@pytest.mark.parametrize("paged,seqlen,cache_seqlens", CASES)
+def test_flash_attn_matches_the_stand_in(paged, seqlen, cache_seqlens):
+    """The stand-in accepts what the kernel is given here, and computes and writes what it does."""
+    q, k_cache, v_cache, k, v, lens, index = inputs(paged, seqlen, cache_seqlens)
+    k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
+    expected = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True, **index)
+    got = flash_attn_standin.flash_attn_with_kvcache(q, k_cache2, v_cache2, k, v, cache_seqlens=lens, causal=True, **index)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert torch.equal(k_cache2, k_cache) and torch.equal(v_cache2, v_cache)

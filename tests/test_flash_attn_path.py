@@ -1,0 +1,73 @@
+"""The scripts' flash-attn path, end to end, on a machine without a GPU: each script runs as it would on a GPU with
+flash-attn (bf16 weights and cache, the kernel flash_attn_with_kvcache, 256-token blocks by default), with
+tests/flash_attn_standin.py in the kernel's place. The stand-in refuses, with an AssertionError naming the rule,
+every call the real kernel would refuse or get wrong; so these runs show the scripts call the kernel as its
+contract asks (int32 tables and lengths, block sizes, tables that cover every row, copy-on-write before a shared
+block is written), and that paging changes no token under it.
+"""
+import json
+
+import pytest
+import torch
+
+import flash_attn_standin
+from load_scripts import load_script
+
+N, MAX_SEQ_LEN = 4, 300
+SCRIPTS = {"naive": "llama3-naive.py", "paged": "llama3-paged.py", "sharing": "llama3-paged-sharing.py"}
+
+
+def run(name, ckpt, tmp_path, monkeypatch, *options):
+    """main() of a script with the stand-in as its kernel, as chosen on a GPU with flash-attn; returns its --json."""
+    module, calls = load_script(name), []
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs.get("block_table") is not None)
+        return flash_attn_standin.flash_attn_with_kvcache(*args, **kwargs)
+
+    monkeypatch.setattr(module, "attention", kernel)
+    monkeypatch.setattr(module, "KERNEL", "flash-attn")
+    monkeypatch.setattr(module, "DTYPE", torch.bfloat16)
+    out = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.json"
+    module.main([str(N), "--ckpt-dir", str(ckpt), "--ref-lengths", "--quiet", "--max-seq-len", str(MAX_SEQ_LEN),
+                 "--json", str(out), *map(str, options)])
+    assert calls and all(calls) == (name != "naive"), "the paged scripts pass a block table, naive its rows"
+    data = json.loads(out.read_text())
+    assert data["stats"]["kernel"] == "flash-attn" and data["stats"]["finished"] == data["stats"]["requests"]
+    return data
+
+
+def generated(data):
+    return [r["generated_ids"] for r in data["requests"]]
+
+
+@pytest.fixture(scope="module")
+def naive_tokens(tiny_ckpt, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return generated(run("naive", tiny_ckpt, tmp_path_factory.mktemp("naive"), monkeypatch))
+
+
+@pytest.mark.parametrize("name", ["paged", "sharing"])
+@pytest.mark.parametrize("budget", [None, 768], ids=["default budget", "3 blocks: preempts"])
+def test_paged_scripts_through_the_kernel_contract(name, budget, naive_tokens, tiny_ckpt, tmp_path, monkeypatch):
+    options = ["--kv-budget-tokens", budget] if budget else []
+    data = run(name, tiny_ckpt, tmp_path, monkeypatch, *options)
+    assert data["stats"]["block_size"] == 256, "the default block size with flash-attn"
+    assert (data["stats"]["preemptions"] > 0) == (budget is not None)
+    assert generated(data) == naive_tokens
+
+
+@pytest.mark.parametrize("options", [["--samples", 2, "--temperature", 0.8, "--kv-budget-tokens", 1024],
+                                     ["--beams", 2], ["--kv-budget-tokens", 768, "--preempt", "swap"],
+                                     ["--system-prompt", "Answer briefly. " * 90, "--prefix-sharing", "--max-seq-len", 640]],
+                         ids=["samples, preempted", "beams", "swap", "prefix sharing"])
+def test_sharing_through_the_kernel_contract(options, naive_tokens, tiny_ckpt, tmp_path, monkeypatch):
+    """Forks, copy-on-write, swap and prefix blocks, each through the contract: the stand-in refuses a block written
+    by one row while another reads it, so a copy not made fails here."""
+    stats = run("sharing", tiny_ckpt, tmp_path, monkeypatch, *options)["stats"]
+    if "--samples" in options:
+        assert stats["cow_copies"] > 0 and stats["preemptions"] > 0
+    if "--preempt" in options:
+        assert stats["swapped_bytes"] > 0
+    if "--prefix-sharing" in options:
+        assert stats["prefix_hit_tokens"] >= 256 * (N - 1)

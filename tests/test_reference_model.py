@@ -1,0 +1,448 @@
+"""The scripts' model against one that is not ours: Meta's reference Llama 3 (llama_models/llama3/model.py,
+installed with the llama-models package; it needs fairscale and a one-process torch.distributed group).
+
+Both load the same consolidated.00.pth (bf16 weights, computed in float32 on both sides), get a real chat
+prompt of a few hundred tokens from sharegpt-filtered.json, and must agree on:
+  * the logits: the scripts' forward() returns the last position's; Meta's Transformer.forward(tokens,
+    start_pos) returns every position's. Prefill, chunked prefill (new tokens after cached ones) and decode
+    steps through the KV cache are all compared, within MAX_LOGIT_DIFF;
+  * the greedy tokens: N_GENERATE of them, decoded with the cache, must be the same.
+for three checkpoints (see CONFIGS), the three scripts (llama3-paged-sharing.py when it exists), and both
+cache layouts the kernel reads (contiguous rows at cache_batch_idx; a paged pool through a block table).
+
+The last tests plant bugs in the scripts' model (in-process, with monkeypatch) and check that the same
+comparison then fails by far more than MAX_LOGIT_DIFF: the oracle is sensitive to what it is meant to catch.
+"""
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import fairscale.nn.model_parallel.initialize as fs_init
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.model import Transformer
+except ImportError as e:  # fail loudly: a skipped oracle checks nothing
+    raise ImportError(f"{e}: Meta's reference model needs `pip install llama-models fairscale` "
+                      f"(see tools/requirements.txt)") from None
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_scripts import load_script  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Largest |script logit - Meta logit| allowed, float32 on CPU. Measured (torch 2.13, x86 CPU), over prefill,
+# decode and every prompt position fed one token at a time: 2.2e-6 for "tiny", 1.1e-5 for "llama3-gqa4-untied"
+# (its untied output layer gives logits 4x wider), 2.9e-6 for "mha-theta1e4";
+# the scripts compute RoPE angles in float64 and Meta in float32, and the sums run in other orders. Planted bugs
+# (wrong RoPE direction, pairing, scaling or theta; GQA mapping; RMSNorm eps; causal mask; softmax scale; ...)
+# give at least 1e-2 and mostly 0.1 to 7. So the bound is ~10x the largest difference seen, 100x below the least bug.
+MAX_LOGIT_DIFF = 1e-4
+N_GENERATE = 20   # greedy tokens per prompt
+BLOCK_SIZE = 16   # of the paged layout
+MAX_SEQ_LEN = 512  # of the caches and RoPE tables (Meta's freqs_cis covers twice this)
+
+# Three checkpoints. "tiny" is tools/make_checkpoint.py's preset as shipped: Llama 3.1-style scaled RoPE,
+# grouped-query attention (4 query heads on 2 KV heads), tied output like Llama 3.2 1B/3B. The other two are
+# written here, in the same format, and differ from it in every way the model code branches or indexes on.
+# Their seeds give greedy runs with no near-tie (top two logits at least 1e-3 apart at every step) and few
+# repeated tokens.
+CONFIGS = {
+    "tiny": None,
+    # Llama 3 (3.0) style, as Llama-3-8B: unscaled RoPE, untied output.weight, ffn_dim_multiplier; 8 query
+    # heads on 2 KV heads (groups of 4), head_dim 16; eps 1e-6; random norm weights (a mixed-up norm shows).
+    "llama3-gqa4-untied": dict(tied=False, seed=2, params=dict(
+        dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=64,
+        ffn_dim_multiplier=1.3, norm_eps=1e-6, rope_theta=500000.0, use_scaled_rope=False)),
+    # Plain multi-head attention with no n_kv_heads in params.json (both sides default it to n_heads), scaled
+    # RoPE at theta 10000 (faster rotations: wrong angles show sooner), head_dim 64, three layers.
+    "mha-theta1e4": dict(tied=True, seed=5, drop_keys=("n_kv_heads",), params=dict(
+        dim=128, n_layers=3, n_heads=2, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+        ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=10000.0, use_scaled_rope=True)),
+}
+SCRIPTS = {"naive": "llama3-naive.py", "paged": "llama3-paged.py", "sharing": "llama3-paged-sharing.py"}
+LAYOUTS = ("contiguous", "paged")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: checkpoints, the scripts, Meta's model in a one-process model-parallel group.
+
+def write_checkpoint(out_dir, spec, seed):
+    """A random-weight checkpoint in Meta's format (as tools/make_checkpoint.py writes it), from spec."""
+    p = spec["params"]
+    dim, head_dim = p["dim"], p["dim"] // p["n_heads"]
+    hidden = int(2 * 4 * dim / 3)  # Meta's FFN size rule; Meta's model checks it when it loads the weights
+    if p["ffn_dim_multiplier"]:
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    hidden = p["multiple_of"] * math.ceil(hidden / p["multiple_of"])
+    shapes = {"tok_embeddings.weight": (p["vocab_size"], dim)}
+    for i in range(p["n_layers"]):
+        shapes.update({f"layers.{i}.attention.wq.weight": (p["n_heads"] * head_dim, dim),
+                       f"layers.{i}.attention.wk.weight": (p["n_kv_heads"] * head_dim, dim),
+                       f"layers.{i}.attention.wv.weight": (p["n_kv_heads"] * head_dim, dim),
+                       f"layers.{i}.attention.wo.weight": (dim, p["n_heads"] * head_dim),
+                       f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
+                       f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+                       f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
+                       f"layers.{i}.attention_norm.weight": (dim,),
+                       f"layers.{i}.ffn_norm.weight": (dim,)})
+    shapes["norm.weight"] = (dim,)
+    if not spec["tied"]:
+        shapes["output.weight"] = (p["vocab_size"], dim)
+    gen = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):  # around 1, but each different: swapping two norms must show
+            w = 1 + 0.2 * torch.randn(shape, generator=gen)
+        else:  # small embeddings as in trained models and make_checkpoint.py; layers scaled to keep variance
+            w = torch.randn(shape, generator=gen) * (0.02 if name == "tok_embeddings.weight" else shape[1] ** -0.5)
+        state_dict[name] = w.to(torch.bfloat16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, out_dir / "consolidated.00.pth")
+    params = {k: v for k, v in p.items() if k not in spec.get("drop_keys", ())}
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_ckpt, tmp_path_factory):
+    """Config name -> checkpoint directory, written on first use."""
+    made = {"tiny": Path(tiny_ckpt)}
+
+    def get(name):
+        if name not in made:
+            out = tmp_path_factory.mktemp(name)
+            write_checkpoint(out, CONFIGS[name], CONFIGS[name]["seed"])
+            shutil.copy(Path(tiny_ckpt) / "tokenizer.model", out / "tokenizer.model")
+            made[name] = out
+        return made[name]
+    return get
+
+
+def load(name):
+    """The script SCRIPTS[name] as a module; one that does not exist (yet) skips the test."""
+    path = ROOT / SCRIPTS[name]
+    if not path.is_file():
+        pytest.skip(f"{path.name} does not exist")
+    try:
+        return load_script(name)
+    except (ValueError, KeyError):  # a loader that doesn't know this script yet: load it the same way
+        import importlib.util
+        module_name = path.stem.replace("-", "_")
+        if module_name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # before exec: dataclasses look their module up by name
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+        return sys.modules[module_name]
+
+
+@pytest.fixture(scope="session")
+def model_parallel(tmp_path_factory):
+    """torch.distributed (gloo, world size 1) and fairscale's model-parallel groups of size 1, which Meta's
+    layers ask for their shard. Set up once; left alone if something else in this process already did it,
+    and torn down at the end only if set up here."""
+    import torch.distributed as dist
+    made_pg = made_mp = False
+    if not dist.is_initialized():
+        init = (tmp_path_factory.mktemp("dist") / "rendezvous").as_uri()  # a file, not a TCP port
+        dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+        made_pg = True
+    if not fs_init.model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(1)
+        made_mp = True
+    assert fs_init.get_model_parallel_world_size() == 1
+    yield
+    if made_mp:
+        fs_init.destroy_model_parallel()
+    if made_pg:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """These tensors are small: one thread is several times faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_ckpt):
+    """Two real chat prompts from sharegpt-filtered.json, as the scripts encode them: a long one (a couple of
+    hundred tokens: RoPE at larger positions, and the scaled frequencies, matter) and a shorter one."""
+    mod = load("paged")
+    tokenizer = mod.load_tokenizer(Path(tiny_ckpt) / "tokenizer.model")
+    encoded = [mod.encode_chat(tokenizer, text) for text, _ in mod.load_prompts(ROOT / "sharegpt-filtered.json", 40, tokenizer)]
+    long = next(ids for ids in encoded if 200 <= len(ids) <= 400)
+    short = next(ids for ids in encoded if 64 < len(ids) <= 150)
+    return long, short
+
+
+class Reference:
+    """Meta's Transformer on one checkpoint, in float32, and its greedy runs (cached per prompt)."""
+
+    def __init__(self, ckpt_dir):
+        params = json.loads((ckpt_dir / "params.json").read_text())
+        weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
+        weights = {name: w.float() for name, w in weights.items()}
+        # Meta's model always has an output layer; a tied checkpoint's is the embedding matrix.
+        weights.setdefault("output.weight", weights["tok_embeddings.weight"])
+        self.model = Transformer(ModelArgs(**params, max_batch_size=1, max_seq_len=MAX_SEQ_LEN))
+        self.model.load_state_dict(weights, strict=True)
+        assert all(p.dtype == torch.float32 for p in self.model.parameters())
+        self.runs = {}
+
+    def greedy(self, ids):
+        """(logits of every prompt position (len, vocab), logits before each generated token (N_GENERATE,
+        vocab), the N_GENERATE greedy tokens). Decodes one token at a time with Meta's own KV cache."""
+        key = tuple(ids)
+        if key not in self.runs:
+            prompt_logits = self.model.forward(torch.tensor([ids]), 0)[0]
+            steps, tokens = [prompt_logits[-1]], []
+            for i in range(N_GENERATE):
+                tokens.append(int(steps[-1].argmax()))
+                if i + 1 < N_GENERATE:
+                    steps.append(self.model.forward(torch.tensor([[tokens[-1]]]), len(ids) + i)[0, -1])
+            self.runs[key] = prompt_logits, torch.stack(steps), tokens
+        return self.runs[key]
+
+
+@pytest.fixture(scope="session")
+def reference(model_parallel, checkpoints):
+    made = {}
+
+    def get(config):
+        if config not in made:
+            made[config] = Reference(checkpoints(config))
+        return made[config]
+    return get
+
+
+@pytest.fixture(scope="session")
+def script_model(checkpoints):
+    """(script, config) -> (module, model dict with RoPE tables), through the script's own loader."""
+    made = {}
+
+    def get(script, config):
+        if (script, config) not in made:
+            mod = load(script)
+            assert mod.DEVICE.type == "cpu" and mod.DTYPE == torch.float32
+            model = mod.load_model(checkpoints(config))
+            model["rope_cos"], model["rope_sin"] = mod.rope_tables(model, MAX_SEQ_LEN)
+            made[script, config] = mod, model
+        return made[script, config]
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts' side: a cache in either layout, filled with garbage where nothing was written.
+
+class Cache:
+    """KV cache for `rows` requests of up to MAX_SEQ_LEN tokens, in the layout the kernel reads.
+
+    Contiguous: request r lives in cache row rows_of[r] (out of order, with a spare row).
+    Paged: request r's blocks are a shuffled pick from the pool; the block table's entries past a request's
+    own blocks point at other requests' blocks, as a zero-filled table does in the scripts.
+    Every cache entry starts as large random numbers, so reading anything unwritten or another request's
+    tokens changes the logits."""
+
+    def __init__(self, model, layout, n_requests, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        n_layers, kv_shape = len(model["layers"]), (model["n_kv_heads"], model["head_dim"])
+        self.layout = layout
+        if layout == "contiguous":
+            shape = (n_layers, n_requests + 1, MAX_SEQ_LEN, *kv_shape)
+            self.rows = torch.randperm(n_requests + 1, generator=gen)[:n_requests].int()
+        else:
+            width = MAX_SEQ_LEN // BLOCK_SIZE
+            num_blocks = n_requests * width + 3
+            shape = (n_layers, num_blocks, BLOCK_SIZE, *kv_shape)
+            blocks = torch.randperm(num_blocks, generator=gen)[:n_requests * width].view(n_requests, width)
+            self.block_table = blocks.int()
+        self.k = 100 * torch.randn(shape, generator=gen)
+        self.v = 100 * torch.randn(shape, generator=gen)
+
+    def forward(self, mod, model, tokens, cache_seqlens, requests):
+        """The script's forward() for `requests` (indices), with cache_seqlens tokens each already cached."""
+        requests = torch.tensor(requests)
+        tokens, cache_seqlens = torch.as_tensor(tokens), torch.tensor(cache_seqlens, dtype=torch.int32)
+        with torch.inference_mode():
+            if self.layout == "contiguous":
+                return mod.forward(model, tokens, cache_seqlens, (self.k, self.v), cache_batch_idx=self.rows[requests])
+            # As the scripts do: a table only as wide as the longest request needs, so trailing entries of a
+            # shorter request point at blocks that are not its own.
+            width = -(-(int(cache_seqlens.max()) + tokens.shape[1]) // BLOCK_SIZE)
+            table = self.block_table[requests, :width]
+            return mod.forward(model, tokens, cache_seqlens, (self.k, self.v), block_table=table)
+
+
+def script_greedy(mod, model, layout, prompt_list):
+    """Prefill each prompt alone (as the scripts do), then decode all of them together for N_GENERATE - 1
+    steps, greedily. Returns per prompt: (logits before each generated token (N_GENERATE, vocab), tokens)."""
+    cache = Cache(model, layout, len(prompt_list))
+    logits = [[cache.forward(mod, model, [ids], [0], [r])[0]] for r, ids in enumerate(prompt_list)]
+    tokens = [[int(step[0].argmax())] for step in logits]
+    for i in range(1, N_GENERATE):
+        step = cache.forward(mod, model, [[t[-1]] for t in tokens], [len(ids) + i - 1 for ids in prompt_list],
+                             list(range(len(prompt_list))))
+        for r in range(len(prompt_list)):
+            logits[r].append(step[r])
+            tokens[r].append(int(step[r].argmax()))
+    return [(torch.stack(lg), t) for lg, t in zip(logits, tokens)]
+
+
+def compare(mod, model, ref, layout, prompt_list):
+    """The largest logit difference over all prompts and steps, and whether every greedy token agreed."""
+    worst, same_tokens = 0.0, True
+    for ids, (logits, tokens) in zip(prompt_list, script_greedy(mod, model, layout, prompt_list)):
+        _, ref_logits, ref_tokens = ref.greedy(ids)
+        worst = max(worst, (logits - ref_logits).abs().max().item())
+        same_tokens &= tokens == ref_tokens
+    return worst, same_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparisons.
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_prefill_and_greedy_decode_match_meta(config, layout, reference, script_model, prompts):
+    """Two prompts, each prefilled alone, then decoded together (different lengths in one batch): every
+    step's logits within MAX_LOGIT_DIFF of Meta's for the same prompt alone, and the same greedy tokens."""
+    mod, model = script_model("paged", config)
+    ref = reference(config)
+    results = script_greedy(mod, model, layout, list(prompts))
+    for ids, (logits, tokens) in zip(prompts, results):
+        _, ref_logits, ref_tokens = ref.greedy(ids)
+        diff = (logits - ref_logits).abs().amax(-1)  # per step
+        assert diff[0] <= MAX_LOGIT_DIFF, f"prefill of {len(ids)} tokens: max |logit diff| {diff[0]:.3g}"
+        assert diff.max() <= MAX_LOGIT_DIFF, f"decode: max |logit diff| per step {diff.tolist()}"
+        if tokens != ref_tokens:
+            step = next(i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b)
+            top2 = ref_logits[step].topk(2).values
+            pytest.fail(f"greedy token {step} differs: {tokens[step]} here, {ref_tokens[step]} in Meta's "
+                        f"(whose top two logits there are {top2[0] - top2[1]:.3g} apart)")
+    assert len(set(results[0][1])) > 1, "a greedy run that repeats one token tests little: pick another seed"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_chunked_prefill_matches_every_position(config, layout, reference, script_model, prompts):
+    """The long prompt fed in chunks of 1 to 64 tokens after what is cached (the causal mask aligned to the
+    cache's end, blocks filled across their boundaries): the logits at each chunk's end equal those at the
+    same position of Meta's one-pass prefill."""
+    mod, model = script_model("paged", config)
+    ids = prompts[0]
+    ref_logits = reference(config).greedy(ids)[0]
+    cache = Cache(model, layout, 1, seed=1)
+    sizes = [1] * 10 + [2, 3, 5, 7, 15, 16, 17, 31, 33, 64]
+    start, diffs = 0, {}
+    for size in sizes + [len(ids)]:
+        chunk = ids[start:start + size]
+        if not chunk:
+            break
+        logits = cache.forward(mod, model, [chunk], [start], [0])[0]
+        start += len(chunk)
+        diffs[start - 1] = (logits - ref_logits[start - 1]).abs().max().item()
+    assert start == len(ids)
+    assert max(diffs.values()) <= MAX_LOGIT_DIFF, f"max |logit diff| at position: {diffs}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_matches_meta(script, layout, reference, script_model, prompts):
+    """Each script's own load_model, rope_tables and forward (they are meant to be identical): one prompt."""
+    mod, model = script_model(script, "tiny")
+    worst, same_tokens = compare(mod, model, reference("tiny"), layout, [prompts[0]])
+    assert worst <= MAX_LOGIT_DIFF and same_tokens, f"max |logit diff| {worst:.3g}, same tokens: {same_tokens}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted bugs: each must move the logits far past MAX_LOGIT_DIFF, so the tests above would fail.
+
+def rope_reversed(mod):
+    """Rotate the other way (the sign of sin flipped)."""
+    apply_rope = mod.apply_rope
+    return "apply_rope", lambda x, cos, sin: apply_rope(x, cos, -sin)
+
+
+def rope_halves(mod):
+    """Pair dimension i with i + head_dim/2 (Hugging Face's layout) instead of 2i with 2i + 1 (Meta's)."""
+    def apply_rope(x, cos, sin):
+        first, second = x.float().chunk(2, dim=-1)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).type_as(x)
+    return "apply_rope", apply_rope
+
+
+def gqa_modulo(mod):
+    """Query head h reads KV head h % n_kv_heads instead of h // (n_heads / n_kv_heads)."""
+    attention = mod.attention
+
+    def wrong(q, k_cache, v_cache, k, v, **kwargs):
+        n_heads, n_kv = q.shape[2], k.shape[2]
+        group = n_heads // n_kv
+        # Feed the real kernel query (i % group) * n_kv + i // group at slot i: slot i reads KV head
+        # i // group, which is that query's head index modulo n_kv.
+        perm = torch.tensor([(i % group) * n_kv + i // group for i in range(n_heads)])
+        out = attention(q[:, :, perm], k_cache, v_cache, k, v, **kwargs)
+        return out[:, :, perm.argsort()]
+    return "attention", wrong
+
+
+def rms_eps_outside(mod):
+    """x / (rms(x) + eps) instead of x / sqrt(mean(x^2) + eps)."""
+    def rms_norm(x, weight, eps):
+        x32 = x.float()
+        return (x32 / (x32.pow(2).mean(-1, keepdim=True).sqrt() + eps)).type_as(x) * weight
+    return "rms_norm", rms_norm
+
+
+def rms_no_eps(mod):
+    """eps left out."""
+    rms_norm = mod.rms_norm
+    return "rms_norm", lambda x, weight, eps: rms_norm(x, weight, 0.0)
+
+
+PLANTS = {"rope-reversed": rope_reversed, "rope-halves": rope_halves, "gqa-modulo": gqa_modulo,
+          "rms-eps-outside-sqrt": rms_eps_outside, "rms-no-eps": rms_no_eps}
+# Model-level plants: (config, change to the model dict before the RoPE tables are made).
+MODEL_PLANTS = {
+    "rope-scaling-dropped": ("tiny", lambda model: model.update(use_scaled_rope=False)),
+    "rope-scaling-added": ("llama3-gqa4-untied", lambda model: model.update(use_scaled_rope=True)),
+    "rope-theta-1e4": ("tiny", lambda model: model.update(rope_theta=10000.0)),
+    "output-tied-wrongly": ("llama3-gqa4-untied", lambda model: model.update(output=model["tok_embeddings"])),
+    "norms-swapped": ("llama3-gqa4-untied", lambda model: [layer.update(attention_norm=layer["ffn_norm"],
+                                                                         ffn_norm=layer["attention_norm"])
+                                                            for layer in model["layers"]]),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_oracle_catches_planted_bug(plant, monkeypatch, reference, script_model, prompts):
+    config = "llama3-gqa4-untied" if plant == "gqa-modulo" else "tiny"  # groups of 4 make the mix-up plain
+    mod, model = script_model("paged", config)
+    monkeypatch.setattr(mod, *PLANTS[plant](mod))
+    worst, _ = compare(mod, model, reference(config), "paged", [prompts[0]])
+    assert worst > 100 * MAX_LOGIT_DIFF, f"{plant}: max |logit diff| only {worst:.3g}"
+
+
+@pytest.mark.parametrize("plant", MODEL_PLANTS)
+def test_oracle_catches_planted_model_bug(plant, reference, checkpoints, prompts):
+    config, change = MODEL_PLANTS[plant]
+    mod = load("paged")
+    model = mod.load_model(checkpoints(config))  # a fresh copy: the shared one stays correct
+    change(model)
+    model["rope_cos"], model["rope_sin"] = mod.rope_tables(model, MAX_SEQ_LEN)
+    worst, _ = compare(mod, model, reference(config), "contiguous", [prompts[0]])
+    assert worst > 100 * MAX_LOGIT_DIFF, f"{plant}: max |logit diff| only {worst:.3g}"
