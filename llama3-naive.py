@@ -32,8 +32,8 @@ except ImportError:
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # of the weights and the KV cache
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside Llama-3-8B's
-# bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token: 7 naive requests of 8192 fit, 8 don't.
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside Llama-3-8B in bf16 (the
+# README shows the sum), at 128 KiB per token: 7 naive requests of 8192 tokens fit, 8 don't.
 CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
 
 
@@ -80,7 +80,8 @@ def load_tokenizer(path):
         lines = path.read_bytes().splitlines()
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
     except FileNotFoundError:  # most likely no checkpoint at all: say how to make the tiny one, or where it is
-        tiny, tool = [os.path.relpath(Path(__file__).resolve().parent / name) for name in ("checkpoints/tiny", "tools/make_checkpoint.py")]
+        root = Path(__file__).resolve().parent
+        tiny, tool = os.path.relpath(root / "checkpoints" / "tiny"), os.path.relpath(root / "tools" / "make_checkpoint.py")
         make = "" if Path(tiny, "params.json").is_file() else f"make a tiny random one with python {tool} {tiny} and "
         fail(f"{path} not found: {make}pass --ckpt-dir {tiny}, or download Meta's weights (see the README)")
     except (OSError, ValueError) as e:
@@ -137,7 +138,8 @@ def load_model(ckpt_dir):
         model = {"n_heads": n_heads, "n_kv_heads": params.get("n_kv_heads") or n_heads, "head_dim": dim // n_heads,
                  "norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"], "layers": layers,
                  "rope_theta": params.get("rope_theta", 500000.0), "use_scaled_rope": params.get("use_scaled_rope", False),
-                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE), "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
+                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE),
+                 "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
         # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
         model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
         # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
@@ -265,9 +267,8 @@ def append_token(req, token, stop_ids, max_seq_len):
 def allocate_kv(shape):
     """K and V, each of `shape`, zeroed; on a CPU, one line instead if the machine hasn't the memory."""
     gb = 2 * math.prod(shape) * DTYPE.itemsize / 1e9
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    if DEVICE.type == "cpu" and gb > ram_gb:  # fail now, not after the machine starts swapping
-        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's {ram_gb:.3g} GB: lower --kv-budget-tokens")
+    if DEVICE.type == "cpu" and gb > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9:  # fail now, not later
+        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's memory: lower --kv-budget-tokens")
     return torch.zeros(shape, dtype=DTYPE, device=DEVICE), torch.zeros(shape, dtype=DTYPE, device=DEVICE)
 
 
@@ -290,7 +291,6 @@ def generate(model, requests, kv_cache, args, stop_ids):
              "reserved_at_peak_use": 0}
     # Request i owns row i of the cache from the first step to the last, however few tokens it needs.
     reserved_tokens = len(requests) * args.max_seq_len
-
     # 1. Prefill each request whole: its prompt goes through the model in one pass, filling its row.
     for req in requests:
         req.cache_row = req.id
@@ -324,8 +324,7 @@ def batch_inputs(batch):
     return tokens, cache_seqlens, rows
 
 
-def record_memory(stats, reserved_tokens, used_tokens):
-    """After a decode step: KV reserved, and KV holding the running requests' cached tokens."""
+def record_memory(stats, reserved_tokens, used_tokens):  # after each decode step
     stats["timeline"].append((reserved_tokens, used_tokens))
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
@@ -348,7 +347,8 @@ def report(stats, name):
         f"reserved when the most tokens were held)"]
     if "block_size" in stats:  # the paged scripts
         lines += [f"block size:            {stats['block_size']} tokens",
-                  f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
+                  f"blocks:                {stats['num_blocks']} total, "
+                  f"{stats['peak_reserved_tokens'] // stats['block_size']} peak used",
                   f"preemptions:           {stats['preemptions']}",
                   f"cache manager time:    {stats['manager_seconds']:.4f} s "
                   f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]

@@ -32,8 +32,8 @@ except ImportError:
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # of the weights and the KV cache
 CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 (24,564 MiB) has left beside Llama-3-8B's
-# bf16 weights (16,060,522,496 bytes) and the headroom, at 128 KiB per token: 7 naive requests of 8192 fit, 8 don't.
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside Llama-3-8B in bf16 (the
+# README shows the sum), at 128 KiB per token: 7 naive requests of 8192 tokens fit, 8 don't.
 CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
 
 
@@ -59,10 +59,8 @@ def parse_args(argv):
     p.add_argument("--block-size", type=int, default=256 if KERNEL == "flash-attn" else 16,
                    help="tokens per KV block (default here: %(default)s; flash-attn's kernel takes multiples of 256)")
     args, unknown = p.parse_known_args(argv)
-    if unknown:  # --samples, --beams and the other options that share blocks are llama3-paged-sharing.py's
-        sharing = unknown[0].split("=")[0] in ("--samples", "--temperature", "--seed", "--beams", "--system-prompt",
-                                                "--prefix-sharing", "--preempt")
-        fail(f"unrecognized arguments: {' '.join(unknown)}" + " (run llama3-paged-sharing.py for them)" * sharing)
+    if unknown:  # perhaps --samples, --beams, --prefix-sharing or --preempt: they share blocks, in the next script
+        fail(f"unrecognized arguments: {' '.join(unknown)} (the options that share blocks are llama3-paged-sharing.py's)")
     if args.n < 1:
         fail(f"N must be positive, got {args.n}")
     if not 2 <= args.max_seq_len <= 131_072:  # Llama 3.1's 128K context; Llama 3 was trained on 8192
@@ -86,7 +84,8 @@ def load_tokenizer(path):
         lines = path.read_bytes().splitlines()
         ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
     except FileNotFoundError:  # most likely no checkpoint at all: say how to make the tiny one, or where it is
-        tiny, tool = [os.path.relpath(Path(__file__).resolve().parent / name) for name in ("checkpoints/tiny", "tools/make_checkpoint.py")]
+        root = Path(__file__).resolve().parent
+        tiny, tool = os.path.relpath(root / "checkpoints" / "tiny"), os.path.relpath(root / "tools" / "make_checkpoint.py")
         make = "" if Path(tiny, "params.json").is_file() else f"make a tiny random one with python {tool} {tiny} and "
         fail(f"{path} not found: {make}pass --ckpt-dir {tiny}, or download Meta's weights (see the README)")
     except (OSError, ValueError) as e:
@@ -143,7 +142,8 @@ def load_model(ckpt_dir):
         model = {"n_heads": n_heads, "n_kv_heads": params.get("n_kv_heads") or n_heads, "head_dim": dim // n_heads,
                  "norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"], "layers": layers,
                  "rope_theta": params.get("rope_theta", 500000.0), "use_scaled_rope": params.get("use_scaled_rope", False),
-                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE), "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
+                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE),
+                 "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
         # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
         model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
         # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
@@ -271,9 +271,8 @@ def append_token(req, token, stop_ids, max_seq_len):
 def allocate_kv(shape):
     """K and V, each of `shape`, zeroed; on a CPU, one line instead if the machine hasn't the memory."""
     gb = 2 * math.prod(shape) * DTYPE.itemsize / 1e9
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    if DEVICE.type == "cpu" and gb > ram_gb:  # fail now, not after the machine starts swapping
-        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's {ram_gb:.3g} GB: lower --kv-budget-tokens")
+    if DEVICE.type == "cpu" and gb > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9:  # fail now, not later
+        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's memory: lower --kv-budget-tokens")
     return torch.zeros(shape, dtype=DTYPE, device=DEVICE), torch.zeros(shape, dtype=DTYPE, device=DEVICE)
 
 
@@ -335,12 +334,14 @@ class KVCacheManager:
 
 def make_kv_cache(model, budget_tokens, num_requests, args):
     """The pool, K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim), and its manager."""
-    if args.block_size < 1 or KERNEL == "flash-attn" and args.block_size % 256:
-        fail(f"--block-size must be positive{' and a multiple of 256 for flash-attn' * (KERNEL == 'flash-attn')}, "
-             f"got {args.block_size}")
+    if args.block_size < 1:
+        fail(f"--block-size must be positive, got {args.block_size}")
+    if KERNEL == "flash-attn" and args.block_size % 256:  # its kernel reads a block per tile of up to 256 keys
+        fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
     num_blocks = budget_tokens // args.block_size
     kv_cache = allocate_kv((len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"]))
-    return kv_cache, KVCacheManager(num_blocks, args.block_size, num_requests, -(-args.max_seq_len // args.block_size), DEVICE)
+    max_blocks_per_request = -(-args.max_seq_len // args.block_size)
+    return kv_cache, KVCacheManager(num_blocks, args.block_size, num_requests, max_blocks_per_request, DEVICE)
 
 
 def generate(model, requests, kv_cache, manager, args, stop_ids):
@@ -380,8 +381,8 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
         #    generated) goes through the model in one pass, filling its blocks and giving its next token.
         for req in admitted:
             table = manager.block_tables(torch.tensor([req.cache_row], device=DEVICE), manager.blocks_for(len(req.tokens)))
-            logits = forward(model, torch.tensor([req.tokens], device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE),
-                             kv_cache, block_table=table)
+            tokens, no_cached_tokens = torch.tensor([req.tokens], device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE)
+            logits = forward(model, tokens, no_cached_tokens, kv_cache, block_table=table)
             append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
             running.append(req)
 
@@ -421,8 +422,7 @@ def batch_inputs(batch):
     return tokens, cache_seqlens, rows
 
 
-def record_memory(stats, reserved_tokens, used_tokens):
-    """After a decode step: KV reserved, and KV holding the running requests' cached tokens."""
+def record_memory(stats, reserved_tokens, used_tokens):  # after each decode step
     stats["timeline"].append((reserved_tokens, used_tokens))
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
@@ -445,7 +445,8 @@ def report(stats, name):
         f"reserved when the most tokens were held)"]
     if "block_size" in stats:  # the paged scripts
         lines += [f"block size:            {stats['block_size']} tokens",
-                  f"blocks:                {stats['num_blocks']} total, {stats['peak_reserved_tokens'] // stats['block_size']} peak used",
+                  f"blocks:                {stats['num_blocks']} total, "
+                  f"{stats['peak_reserved_tokens'] // stats['block_size']} peak used",
                   f"preemptions:           {stats['preemptions']}",
                   f"cache manager time:    {stats['manager_seconds']:.4f} s "
                   f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]

@@ -195,7 +195,7 @@ SHARING_ONLY = {
 }
 # A sharing option given to llama3-paged.py names the script that has it.
 PAGED_ONLY.update({f"sharing option {option}": (lambda d, c, option=option: ["1", option, *value],
-                                                "(run llama3-paged-sharing.py for them)")
+                                                "(the options that share blocks are llama3-paged-sharing.py's)")
                    for option, value in (("--samples", ["2"]), ("--beams", ["2"]), ("--prefix-sharing", []),
                                          ("--preempt=swap", []))})
 NAIVE_ONLY = {
