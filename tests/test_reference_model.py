@@ -14,11 +14,9 @@ The last tests plant bugs in the scripts' model (in-process, with monkeypatch) a
 comparison then fails by far more than MAX_LOGIT_DIFF: the oracle is sensitive to what it is meant to catch.
 """
 import json
-import math
-import shutil
-import sys
 from pathlib import Path
 
+import make_checkpoint
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,8 +29,7 @@ except ImportError as e:  # fail loudly: a skipped oracle checks nothing
     raise ImportError(f"{e}: Meta's reference model needs `pip install llama-models fairscale` "
                       f"(see tools/requirements.txt)") from None
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_scripts import load_script  # noqa: E402
+from load_scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,39 +70,11 @@ LAYOUTS = ("contiguous", "paged")
 # Setup: checkpoints, the scripts, Meta's model in a one-process model-parallel group.
 
 def write_checkpoint(out_dir, spec, seed):
-    """A random-weight checkpoint in Meta's format (as tools/make_checkpoint.py writes it), from spec."""
-    p = spec["params"]
-    dim, head_dim = p["dim"], p["dim"] // p["n_heads"]
-    hidden = int(2 * 4 * dim / 3)  # Meta's FFN size rule; Meta's model checks it when it loads the weights
-    if p["ffn_dim_multiplier"]:
-        hidden = int(p["ffn_dim_multiplier"] * hidden)
-    hidden = p["multiple_of"] * math.ceil(hidden / p["multiple_of"])
-    shapes = {"tok_embeddings.weight": (p["vocab_size"], dim)}
-    for i in range(p["n_layers"]):
-        shapes.update({f"layers.{i}.attention.wq.weight": (p["n_heads"] * head_dim, dim),
-                       f"layers.{i}.attention.wk.weight": (p["n_kv_heads"] * head_dim, dim),
-                       f"layers.{i}.attention.wv.weight": (p["n_kv_heads"] * head_dim, dim),
-                       f"layers.{i}.attention.wo.weight": (dim, p["n_heads"] * head_dim),
-                       f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
-                       f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-                       f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
-                       f"layers.{i}.attention_norm.weight": (dim,),
-                       f"layers.{i}.ffn_norm.weight": (dim,)})
-    shapes["norm.weight"] = (dim,)
-    if not spec["tied"]:
-        shapes["output.weight"] = (p["vocab_size"], dim)
-    gen = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight"):  # around 1, but each different: swapping two norms must show
-            w = 1 + 0.2 * torch.randn(shape, generator=gen)
-        else:  # small embeddings as in trained models and make_checkpoint.py; layers scaled to keep variance
-            w = torch.randn(shape, generator=gen) * (0.02 if name == "tok_embeddings.weight" else shape[1] ** -0.5)
-        state_dict[name] = w.to(torch.bfloat16)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out_dir / "consolidated.00.pth")
-    params = {k: v for k, v in p.items() if k not in spec.get("drop_keys", ())}
-    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+    """A random-weight checkpoint in Meta's format, written by tools/make_checkpoint.py from spec, with norm weights
+    around 1 but each different (so that swapping two norms shows), less the params.json keys in drop_keys."""
+    make_checkpoint.write_checkpoint(str(out_dir), preset=spec, seed=seed, norm_std=0.2)
+    params = json.loads((out_dir / "params.json").read_text())
+    (out_dir / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k not in spec.get("drop_keys", ())}))
 
 
 @pytest.fixture(scope="session")
@@ -117,32 +86,9 @@ def checkpoints(tiny_ckpt, tmp_path_factory):
         if name not in made:
             out = tmp_path_factory.mktemp(name)
             write_checkpoint(out, CONFIGS[name], CONFIGS[name]["seed"])
-            shutil.copy(Path(tiny_ckpt) / "tokenizer.model", out / "tokenizer.model")
             made[name] = out
         return made[name]
     return get
-
-
-def load(name):
-    """The script SCRIPTS[name] as a module; one that does not exist (yet) skips the test."""
-    path = ROOT / SCRIPTS[name]
-    if not path.is_file():
-        pytest.skip(f"{path.name} does not exist")
-    try:
-        return load_script(name)
-    except (ValueError, KeyError):  # a loader that doesn't know this script yet: load it the same way
-        import importlib.util
-        module_name = path.stem.replace("-", "_")
-        if module_name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # before exec: dataclasses look their module up by name
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[module_name]
-                raise
-        return sys.modules[module_name]
 
 
 @pytest.fixture(scope="session")
@@ -180,7 +126,7 @@ def torch_one_thread():
 def prompts(tiny_ckpt):
     """Two real chat prompts from sharegpt-filtered.json, as the scripts encode them: a long one (a couple of
     hundred tokens: RoPE at larger positions, and the scaled frequencies, matter) and a shorter one."""
-    mod = load("paged")
+    mod = load_script("paged")
     tokenizer = mod.load_tokenizer(Path(tiny_ckpt) / "tokenizer.model")
     encoded = [mod.encode_chat(tokenizer, text) for text, _ in mod.load_prompts(ROOT / "sharegpt-filtered.json", 40, tokenizer)]
     long = next(ids for ids in encoded if 200 <= len(ids) <= 400)
@@ -235,7 +181,7 @@ def script_model(checkpoints):
 
     def get(script, config):
         if (script, config) not in made:
-            mod = load(script)
+            mod = load_script(script)
             assert mod.DEVICE.type == "cpu" and mod.DTYPE == torch.float32
             model = mod.load_model(checkpoints(config))
             model["rope_cos"], model["rope_sin"] = mod.rope_tables(model, MAX_SEQ_LEN)
@@ -440,7 +386,7 @@ def test_oracle_catches_planted_bug(plant, monkeypatch, reference, script_model,
 @pytest.mark.parametrize("plant", MODEL_PLANTS)
 def test_oracle_catches_planted_model_bug(plant, reference, checkpoints, prompts):
     config, change = MODEL_PLANTS[plant]
-    mod = load("paged")
+    mod = load_script("paged")
     model = mod.load_model(checkpoints(config))  # a fresh copy: the shared one stays correct
     change(model)
     model["rope_cos"], model["rope_sin"] = mod.rope_tables(model, MAX_SEQ_LEN)

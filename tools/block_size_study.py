@@ -1,9 +1,9 @@
 """How does the KV block size trade wasted memory against requests served, and how far is the
 paged cache from a perfect one?
 
-For block sizes 1 to 512 this replays llama3-paged.py's scheduling with its real KVCacheManager on
-the shipped ShareGPT prompts' real Llama 3 lengths (--ref-lengths: each request generates as many
-tokens as its reference answer), with no model, and reports per block size:
+For block sizes 1 to 512 this replays llama3-paged.py's own generate() loop and KVCacheManager, with a stand-in
+for the model (tools/replay.py), on the shipped ShareGPT prompts' real Llama 3 lengths (--ref-lengths: each
+request generates as many tokens as its reference answer), and reports per block size:
   * the most requests N such that a paged run of the first N prompts never preempts, and the most
     that ran at once in that run;
   * the bound: the largest N a perfect on-demand manager fits if all N start together and each holds
@@ -21,7 +21,11 @@ Prints the tables and writes docs/block_size_study.png (needs matplotlib: pip in
 import time
 from pathlib import Path
 
-import common
+from cli import ArgumentParser, check_out, fail, print_table, run_main
+from plotting import pyplot, save_figure
+from replay import bound_max_n, paged_max_n, replay, replay_naive, waste
+from scripts import (DEFAULT_MAX_SEQ_LEN, DEFAULT_PROMPTS, LLAMA3_8B_KV_BYTES_PER_TOKEN, ROOT, load_script,
+                     prompt_lengths)
 
 BLOCK_SIZES = [1, 8, 16, 32, 64, 128, 256, 512]
 # GPU memory in MiB: the 24 GB row is the RTX 4090 as nvidia-smi reports it (the scripts' CPU default budget
@@ -31,32 +35,38 @@ CARDS_MIB = [(16 * 1024, "16 GB", "nominal"), (24_564, "24 GB", "RTX 4090 as rep
 
 
 def parse_args(argv):
-    p = common.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default, 61,691)")
-    p.add_argument("--prompts", default=str(common.DEFAULT_PROMPTS), help="ShareGPT-style JSON (default: the shipped set)")
-    p.add_argument("--max-seq-len", type=int, default=common.DEFAULT_MAX_SEQ_LEN,
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="ShareGPT-style JSON (default: the shipped set)")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help="tokens per request: what naive reserves, and the cap on prompt + generated (default 8192)")
-    p.add_argument("--out", default=str(common.ROOT / "docs" / "block_size_study.png"), help="figure to write")
+    p.add_argument("--out", default=str(ROOT / "docs" / "block_size_study.png"), help="figure to write")
     args = p.parse_args(argv)
     if args.budget_tokens is not None and args.budget_tokens < 1:
-        common.fail(f"--budget-tokens must be positive, got {args.budget_tokens}")
-    if args.max_seq_len < 2:
-        common.fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
-    common.check_out(args.out)
+        fail(f"--budget-tokens must be positive, got {args.budget_tokens}")
+    if not 2 <= args.max_seq_len <= 131_072:
+        fail(f"--max-seq-len must be from 2 to 131072, got {args.max_seq_len}")
+    check_out(args.out)
     return args
 
 
 def study_block_size(lengths, budget, block_size, max_seq_len):
     """One row: max N without preemption, peak running, bound, waste and blocks per request."""
-    n = common.paged_max_n(lengths, budget, block_size, max_seq_len)
+    n = paged_max_n(lengths, budget, block_size, max_seq_len)
     row = {"block_size": block_size, "num_blocks": budget // block_size, "n": n,
-           "bound": common.bound_max_n(lengths, budget, block_size), "peak_running": 0,
+           "bound": bound_max_n(lengths, budget, block_size), "peak_running": 0,
            "waste_peak": float("nan"), "waste_mean": float("nan"), "blocks_per_request": float("nan")}
     if n:
-        sim = common.simulate_paged(lengths[:n], budget, block_size, max_seq_len)
-        row["peak_running"] = max(sim["running"], default=0)
-        row["waste_peak"], row["waste_mean"] = common.waste(sim["timeline"])
-        row["blocks_per_request"] = sum(sim["max_blocks"]) / n
+        most_blocks = [0] * n  # the most blocks each request held at a decode step
+
+        def count_blocks(step, manager, block_table, cache_seqlens):
+            for req_id, blocks in manager.blocks.items():
+                most_blocks[req_id] = max(most_blocks[req_id], len(blocks))
+
+        run = replay(lengths[:n], budget, block_size, max_seq_len, on_decode=count_blocks)
+        row["peak_running"] = max(run["batch_sizes"], default=0)
+        row["waste_peak"], row["waste_mean"] = waste(run["timeline"])
+        row["blocks_per_request"] = sum(most_blocks) / n
     return row
 
 
@@ -64,18 +74,19 @@ def study_naive(lengths, budget, max_seq_len):
     n = min(budget // max_seq_len, len(lengths))
     row = {"n": n, "waste_peak": float("nan"), "waste_mean": float("nan")}
     if n:
-        row["waste_peak"], row["waste_mean"] = common.waste(common.simulate_naive(lengths[:n], max_seq_len)["timeline"])
+        row["waste_peak"], row["waste_mean"] = waste(replay_naive(lengths[:n], max_seq_len)["timeline"])
     return row
 
 
 def card_budget(mib, weight_bytes, headroom_bytes):
     """KV tokens beside Llama-3-8B in bf16 on a card of `mib` MiB, as the scripts compute it on a GPU."""
-    return max(0, mib * 2**20 - weight_bytes - headroom_bytes) // common.LLAMA3_8B_KV_BYTES_PER_TOKEN
+    return max(0, mib * 2**20 - weight_bytes - headroom_bytes) // LLAMA3_8B_KV_BYTES_PER_TOKEN
 
 
-def study_cards(lengths, max_seq_len):
+def study_cards(lengths, max_seq_len, known):
+    """One row per card; known: {(budget, block size): N max} found already."""
     import make_checkpoint  # tools/make_checkpoint.py: Llama-3-8B's parameter count from its shapes
-    paged = common.load_script("paged")
+    paged = load_script("paged")
     weight_bytes = 2 * make_checkpoint.param_count("8b")
     rows = []
     for mib, label, example in CARDS_MIB:
@@ -83,8 +94,10 @@ def study_cards(lengths, max_seq_len):
         row = {"gib": mib / 1024, "label": label, "mib": mib, "example": example, "budget": budget,
                "naive": min(budget // max_seq_len, len(lengths))}
         for bs in (16, 256):
-            row[bs] = common.paged_max_n(lengths, budget, bs, max_seq_len) if budget else 0
-        row["bound16"] = common.bound_max_n(lengths, budget, 16) if budget else 0
+            if (budget, bs) not in known:
+                known[budget, bs] = paged_max_n(lengths, budget, bs, max_seq_len) if budget else 0
+            row[bs] = known[budget, bs]
+        row["bound16"] = bound_max_n(lengths, budget, 16) if budget else 0
         rows.append(row)
     return rows, weight_bytes, paged.CUDA_HEADROOM_BYTES
 
@@ -99,12 +112,13 @@ def ratio(a, b, capped=False):
 
 
 def print_tables(rows, naive, cards, weight_bytes, headroom, budget, max_seq_len, total):
-    gb = budget * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9
+    gb = budget * LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9
     print(f"KV budget {budget:,} tokens ({gb:.2f} GB of Llama-3-8B bf16 K+V at 128 KiB/token); {total} prompts; "
           f"max_seq_len {max_seq_len}; --ref-lengths lengths")
-    print("N max = largest N such that a paged run of the first N prompts never preempts (replayed with the real "
-          "KVCacheManager); at once = most requests running together in that run; bound = perfect manager, all N "
-          "start together; waste = reserved KV holding no token, in the N max run.\n")
+    print("N max = largest N such that a paged run of the first N prompts never preempts (llama3-paged.py's "
+          "generate() and KVCacheManager, replayed with a stand-in model); at once = most requests running together "
+          "in that run; bound = perfect manager, all N start together; waste = reserved KV holding no token, in the "
+          "N max run.\n")
     headers = ["block", "blocks in pool", "N max", "at once", "bound", "N/bound", "at once/bound",
                "waste @peak use %", "waste mean %", "blocks/request"]
     table = [[r["block_size"], r["num_blocks"], fmt_n(r["n"], total), r["peak_running"], fmt_n(r["bound"], total),
@@ -112,7 +126,7 @@ def print_tables(rows, naive, cards, weight_bytes, headroom, budget, max_seq_len
               f"{r['waste_mean']:.1f}", f"{r['blocks_per_request']:.1f}"] for r in rows]
     table.append([f"naive ({max_seq_len}/request)", f"{naive['n']} rows", naive["n"], naive["n"], "-", "-", "-",
                   f"{naive['waste_peak']:.1f}", f"{naive['waste_mean']:.1f}", f"1 x {max_seq_len} tokens"])
-    common.print_table(headers, table)
+    print_table(headers, table)
     print("('+' = every prompt in the file fits: the true maximum is at least that.)\n")
 
     print(f"Requests that fit as the GPU grows (Llama-3-8B bf16 beside the cache): KV budget = (card - "
@@ -128,15 +142,15 @@ def print_tables(rows, naive, cards, weight_bytes, headroom, budget, max_seq_len
         table.append([c["label"], f"{c['mib']:,} ({c['example']})", f"{c['budget']:,}", c["naive"], fmt_n(c[16], total),
                       fmt_n(c[256], total), fmt_n(c["bound16"], total), ratio(c[16], c["naive"], c[16] == total),
                       ratio(c[256], c["naive"], c[256] == total)])
-    common.print_table(headers, table)
-    print(f"(The scripts' CPU default, {common.load_script('paged').CPU_KV_BUDGET_TOKENS:,} tokens, is the 24 GB row; "
+    print_table(headers, table)
+    print(f"(The scripts' CPU default, {load_script('paged').CPU_KV_BUDGET_TOKENS:,} tokens, is the 24 GB row; "
           f"24 GiB exactly would give {card_budget(24 * 1024, weight_bytes, headroom):,}. N max is not monotone in the "
           f"budget: one more free block at the start lets first-come-first-served admission start one more request, "
           f"which can force a preemption later.)")
 
 
 def plot(rows, naive, cards, budget, max_seq_len, total, prompts, out):
-    plt = common.pyplot()
+    plt = pyplot()
     bs = [r["block_size"] for r in rows]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5.6))
 
@@ -196,29 +210,29 @@ def plot(rows, naive, cards, budget, max_seq_len, total, prompts, out):
     ax3.grid(alpha=0.3)
     ax3.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 0.12))
 
-    default = budget == common.load_script("paged").CPU_KV_BUDGET_TOKENS
+    default = budget == load_script("paged").CPU_KV_BUDGET_TOKENS
     where = ", what a 24 GB RTX 4090 has beside its weights" if default else ""
-    source = "shipped ShareGPT prompts" if Path(prompts).resolve() == common.DEFAULT_PROMPTS else f"prompts of {Path(prompts).name}"
+    source = "shipped ShareGPT prompts" if Path(prompts).resolve() == DEFAULT_PROMPTS else f"prompts of {Path(prompts).name}"
     fig.suptitle(f"Llama 3 KV cache: block size vs. memory wasted and requests served, KV budget {budget:,} tokens "
-                 f"(= {budget * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9:.1f} GB for Llama-3-8B{where})\n"
-                 f"Model-free replay of llama3-paged.py's KVCacheManager on the first {total} {source} "
+                 f"(= {budget * LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9:.1f} GB for Llama-3-8B{where})\n"
+                 f"llama3-paged.py's own loop and KVCacheManager, replayed without a model, on the first {total} {source} "
                  f"(real Llama 3 token counts, reference answer lengths): the same on any machine",
                  fontsize=11)
     fig.tight_layout()
-    common.save_figure(fig, out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    budget = args.budget_tokens or common.load_script("paged").CPU_KV_BUDGET_TOKENS
+    budget = args.budget_tokens or load_script("paged").CPU_KV_BUDGET_TOKENS
     if not Path(args.prompts).is_file():
-        common.fail(f"prompts file {args.prompts} not found")
-    lengths = common.prompt_lengths(args.prompts, max_seq_len=args.max_seq_len)
+        fail(f"prompts file {args.prompts} not found")
+    lengths = prompt_lengths(args.prompts, max_seq_len=args.max_seq_len)
     rows = [study_block_size(lengths, budget, bs, args.max_seq_len) for bs in BLOCK_SIZES]
     naive = study_naive(lengths, budget, args.max_seq_len)
-    cards, weight_bytes, headroom = study_cards(lengths, args.max_seq_len)
+    cards, weight_bytes, headroom = study_cards(lengths, args.max_seq_len, {(budget, r["block_size"]): r["n"] for r in rows})
     totals = [p + g for p, g in lengths]
     print(f"Prompt + reference answer, chat-formatted Llama 3 tokens: mean {sum(totals) / len(totals):.0f} "
           f"(prompt {sum(p for p, _ in lengths) / len(lengths):.0f}, answer {sum(g for _, g in lengths) / len(lengths):.0f}), "
@@ -229,4 +243,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

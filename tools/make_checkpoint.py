@@ -9,14 +9,14 @@ Presets: `tiny` (~35 MB) is for tests and the CPU demo; `8b` has
 Llama-3-8B's shape (~16 GB in bf16) and is meant for memory checks on a GPU:
     python tools/make_checkpoint.py /tmp/ckpt-8b --preset 8b --device cuda
 """
-import argparse
 import importlib.resources
 import json
 import math
 import os
-import sys
 
 import torch
+
+from cli import ArgumentParser, fail
 
 PRESETS = {
     # Tied embeddings like Llama 3.2 1B/3B: no output.weight, saving ~16M params.
@@ -39,8 +39,10 @@ def ffn_hidden_dim(p):
 
 
 def tensor_shapes(preset):
-    """Name -> shape of every tensor in the checkpoint; allocates nothing."""
-    p, tied = PRESETS[preset]["params"], PRESETS[preset]["tied"]
+    """Name -> shape of every tensor in the checkpoint; allocates nothing. preset: a name in PRESETS, or a
+    dict like one of its values."""
+    spec = PRESETS[preset] if isinstance(preset, str) else preset
+    p, tied = spec["params"], spec["tied"]
     dim, head_dim, hidden = p["dim"], p["dim"] // p["n_heads"], ffn_hidden_dim(p)
     shapes = {"tok_embeddings.weight": (p["vocab_size"], dim)}
     for i in range(p["n_layers"]):
@@ -74,10 +76,12 @@ def tokenizer_source():
         raise RuntimeError("llama-models is not installed: pip install llama-models") from None
 
 
-def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.bfloat16):
-    """Write the checkpoint to out_dir and return the path of the .pth file."""
+def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.bfloat16, norm_std=0.0):
+    """Write the checkpoint to out_dir and return the path of the .pth file. preset: a name in PRESETS, or a dict
+    like one of its values. norm_std: RMSNorm weights 1 + norm_std * N(0, 1) instead of ones, so that a test
+    can tell one norm from another."""
     # Check everything before generating anything: the 8b preset takes a while.
-    if preset not in PRESETS:
+    if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r} (use cpu or cuda)")
@@ -93,6 +97,8 @@ def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.b
     for name, shape in tensor_shapes(preset).items():
         if name.endswith("norm.weight"):
             w = torch.ones(shape, device=device)
+            if norm_std:
+                w += norm_std * torch.randn(shape, generator=gen, device=device)
         else:
             # Small embeddings, as in trained Llama models (std ~0.02). With std 1 the residual stream is
             # all embedding and a tied output layer just predicts the input token again, forever; with
@@ -105,14 +111,14 @@ def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.b
     ckpt_path = os.path.join(out_dir, "consolidated.00.pth")
     torch.save(state_dict, ckpt_path)
     with open(os.path.join(out_dir, "params.json"), "w") as f:
-        json.dump(PRESETS[preset]["params"], f, indent=2)
+        json.dump((PRESETS[preset] if isinstance(preset, str) else preset)["params"], f, indent=2)
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(tokenizer.read_bytes())
     return ckpt_path
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--preset", default="tiny", help="tiny (default) or 8b")
     parser.add_argument("--seed", type=int, default=0)
@@ -124,8 +130,7 @@ def main():
             raise ValueError(f"unknown dtype {args.dtype!r} (use bfloat16 or float32)")
         path = write_checkpoint(args.out_dir, args.preset, args.seed, args.device, DTYPES[args.dtype])
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     size_mb = os.path.getsize(path) / 1e6
     print(f"wrote {args.out_dir} (preset {args.preset}, {param_count(args.preset):,} params, "
           f"consolidated.00.pth {size_mb:,.1f} MB)")

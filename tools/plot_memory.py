@@ -1,39 +1,42 @@
 """How much KV memory does each cache reserve, step by step, against the tokens it actually holds?
 
-Runs llama3-naive.py and llama3-paged.py on the same requests (default: the first 7 shipped prompts,
---ref-lengths, the scripts' default KV budget, the tiny checkpoint) and plots both --json timelines:
-KV reserved (filled) and KV holding tokens (line) after every decode step, with the budget as a line.
+Replays llama3-naive.py's and llama3-paged.py's own generate() loops on the same requests (default: the first 7
+shipped prompts, naive's most, --ref-lengths, the scripts' default KV budget) with a stand-in for the model
+(tools/replay.py): under --ref-lengths the memory timeline depends on token counts only, and is the one the
+scripts' --json writes (bench.py checks this against real runs). Plots both: KV reserved (filled) and KV holding
+tokens (line) after every decode step, with the budget as a line.
 
-    python tools/plot_memory.py                                   # ~1 min on 2 CPU cores
-    python tools/plot_memory.py --naive-json n.json --paged-json p.json   # plot runs you already have
+    python tools/plot_memory.py                                           # a second or two, no checkpoint
+    python tools/plot_memory.py --naive-json n.json --paged-json p.json   # plot real runs you already have
 
 Writes docs/memory_timeline.png (needs matplotlib: pip install -r tools/requirements.txt).
 """
 import json
 from pathlib import Path
 
-import common
+from cli import ArgumentParser, check_out, fail, run_main
+from plotting import pyplot, save_figure
+from replay import replay, replay_naive
+from scripts import DEFAULT_MAX_SEQ_LEN, LLAMA3_8B_KV_BYTES_PER_TOKEN, ROOT, SCRIPTS, load_script, prompt_lengths
 
 
 def parse_args(argv):
-    p = common.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=7, help="requests: the first N prompts (default 7, naive's most)")
-    p.add_argument("--ckpt-dir", default=str(common.DEFAULT_CKPT), help="checkpoint for the runs")
     p.add_argument("--budget-tokens", type=int, help="KV budget in tokens (default: the scripts' CPU default)")
-    p.add_argument("--max-seq-len", type=int, default=common.DEFAULT_MAX_SEQ_LEN)
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN)
     p.add_argument("--block-size", type=int, default=16, help="paged block size (default 16, the CPU default)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--naive-json", help="a llama3-naive.py --json file to plot instead of running it")
-    p.add_argument("--paged-json", help="a llama3-paged.py --json file to plot instead of running it")
-    p.add_argument("--out", default=str(common.ROOT / "docs" / "memory_timeline.png"), help="figure to write")
+    p.add_argument("--naive-json", help="a llama3-naive.py --json file to plot instead of the replay")
+    p.add_argument("--paged-json", help="a llama3-paged.py --json file to plot instead of the replay")
+    p.add_argument("--out", default=str(ROOT / "docs" / "memory_timeline.png"), help="figure to write")
     args = p.parse_args(argv)
-    for name in ("n", "budget_tokens", "block_size", "threads"):
+    for name in ("n", "budget_tokens", "block_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            common.fail(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.max_seq_len < 2:
-        common.fail(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
-    common.check_out(args.out)
+            fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 2 <= args.max_seq_len <= 131_072:
+        fail(f"--max-seq-len must be from 2 to 131072, got {args.max_seq_len}")
+    check_out(args.out)
     return args
 
 
@@ -41,33 +44,35 @@ def read_json(path, script):
     try:
         data = json.loads(Path(path).read_text())
         data["stats"]["kv_budget_tokens"], data["timeline"]["reserved_tokens"], data["timeline"]["used_tokens"]
-        [r["prompt_ids"] for r in data["requests"]]
+        [(r["prompt_ids"], r["generated_ids"]) for r in data["requests"]]
     except OSError as e:
-        common.fail(f"cannot read {path}: {e.strerror}")
+        fail(f"cannot read {path}: {e.strerror}")
     except (ValueError, KeyError, TypeError):
-        common.fail(f"{path} is not the --json output of {script}")
+        fail(f"{path} is not the --json output of {script}")
     return data
 
 
-def get_run(name, path, args, budget):
-    if path:
-        return read_json(path, common.SCRIPTS[name].name)
-    common.require_checkpoint(args.ckpt_dir)
-    print(f"running {common.SCRIPTS[name].name} {args.n} --ref-lengths (budget {budget:,} tokens)", flush=True)
-    run = common.run_script(name, args.n, args.ckpt_dir, budget, args.max_seq_len, args.threads,
-                            block_size=args.block_size if name == "paged" else None)
-    if run["json"] is None:
-        common.fail(f"{common.SCRIPTS[name].name} {args.n} failed: {run['stderr']}")
-    print(f"  {run['seconds']:.0f} s")
-    return run["json"]
+def replayed(name, lengths, args, budget):
+    """A replay of the script's generate(), in the shape of its --json output (what plot() reads)."""
+    if name == "naive":
+        if len(lengths) * args.max_seq_len > budget:
+            fail(f"naive cannot run {len(lengths)} requests of {args.max_seq_len} tokens in a budget of {budget:,}")
+        stats = replay_naive(lengths, args.max_seq_len)
+    else:
+        stats = replay(lengths, budget, args.block_size, args.max_seq_len)
+        if stats["failed"]:
+            fail(stats["failed"])
+    timeline = {"reserved_tokens": [r for r, _ in stats["timeline"]], "used_tokens": [u for _, u in stats["timeline"]]}
+    return {"stats": stats | {"kv_budget_tokens": budget, "requests": len(lengths)}, "timeline": timeline,
+            "requests": [{"prompt_ids": [0] * p} for p, _ in lengths]}
 
 
 def plot(naive, paged, out, source):
-    plt = common.pyplot()
+    plt = pyplot()
     n = len(naive["requests"])
     fig, axes = plt.subplots(2, 1, figsize=(11, 8), sharex=True, sharey=True)
-    tokens_to_gb = lambda t: t * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9
-    gb_to_tokens = lambda g: g * 1e9 / common.LLAMA3_8B_KV_BYTES_PER_TOKEN
+    tokens_to_gb = lambda t: t * LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9
+    gb_to_tokens = lambda g: g * 1e9 / LLAMA3_8B_KV_BYTES_PER_TOKEN
     for ax, data, name, color in ((axes[0], naive, "naive", "tab:red"), (axes[1], paged, "paged", "tab:blue")):
         reserved, used = data["timeline"]["reserved_tokens"], data["timeline"]["used_tokens"]
         stats = data["stats"]
@@ -110,34 +115,41 @@ def plot(naive, paged, out, source):
     axes[1].set_xlabel("decode step")
     fig.suptitle(f"KV cache reserved vs. holding tokens: the same {n} requests, same budget\n{source}", fontsize=11)
     fig.tight_layout()
-    common.save_figure(fig, out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    budget = args.budget_tokens or common.load_script("paged").CPU_KV_BUDGET_TOKENS
-    given = {name: read_json(path, common.SCRIPTS[name].name) for name, path in
-             (("naive", args.naive_json), ("paged", args.paged_json)) if path}  # check them before any run
-    naive = given.get("naive") or get_run("naive", None, args, budget)
-    paged = given.get("paged") or get_run("paged", None, args, budget)
-    if [r["prompt_ids"] for r in naive["requests"]] != [r["prompt_ids"] for r in paged["requests"]]:
-        common.fail("the naive and paged runs are not of the same requests")
-    if naive["stats"]["kv_budget_tokens"] != paged["stats"]["kv_budget_tokens"]:
-        common.fail("the naive and paged runs had different KV budgets")
-    if given:
-        source = "From the given --json runs: " + ", ".join(f"{name} {path}" for name, path in
-                                                            (("naive", args.naive_json), ("paged", args.paged_json)) if path)
+    given = {name: read_json(path, SCRIPTS[name].name) for name, path in
+             (("naive", args.naive_json), ("paged", args.paged_json)) if path}  # check them before any replay
+    if given:  # a script with no --json of its own is replayed on the given run's requests, in its budget
+        data = next(iter(given.values()))
+        lengths = [(len(r["prompt_ids"]), len(r["generated_ids"])) for r in data["requests"]]
+        budget = data["stats"]["kv_budget_tokens"]
     else:
-        source = (f"Real --json runs of both scripts: checkpoint {Path(args.ckpt_dir).name}, the first {args.n} shipped "
-                  f"ShareGPT prompts, --ref-lengths\n(token counts, hence these curves, don't depend on the weights)")
+        lengths = prompt_lengths(n=args.n, max_seq_len=args.max_seq_len)
+        budget = args.budget_tokens or load_script("paged").CPU_KV_BUDGET_TOKENS
+    naive = given.get("naive") or replayed("naive", lengths, args, budget)
+    paged = given.get("paged") or replayed("paged", lengths, args, budget)
+    if len(given) == 2 and [r["prompt_ids"] for r in naive["requests"]] != [r["prompt_ids"] for r in paged["requests"]]:
+        fail("the naive and paged runs are not of the same requests")
+    if naive["stats"]["kv_budget_tokens"] != paged["stats"]["kv_budget_tokens"]:
+        fail("the naive and paged runs had different KV budgets")
+    runs = ", ".join(f"{name} {path}" for name, path in (("naive", args.naive_json), ("paged", args.paged_json))
+                     if path)
+    what = (f"the first {args.n} shipped ShareGPT prompts, --ref-lengths" if not given else
+            f"--json runs: {runs}" + ("" if len(given) == 2 else "; the other script replayed on their requests"))
+    source = (f"{what}\nReplays run the scripts' own generate() with a stand-in model: the curves depend on token "
+              f"counts only, and equal a real run's --json timeline")
     plot(naive, paged, args.out, source)
     for name, data in (("naive", naive), ("paged", paged)):
         s = data["stats"]
-        print(f"{name}: {s['requests']} requests, {s['decode_steps']} decode steps, peak reserved {s['peak_reserved_tokens']:,}, "
-              f"peak holding {s['peak_used_tokens']:,} tokens, budget {s['kv_budget_tokens']:,}")
+        print(f"{name}{' (--json)' if name in given else ' (replayed)'}: {s['requests']} requests, {s['decode_steps']} "
+              f"decode steps, peak reserved {s['peak_reserved_tokens']:,}, peak holding {s['peak_used_tokens']:,} "
+              f"tokens, budget {s['kv_budget_tokens']:,}")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

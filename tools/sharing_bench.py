@@ -1,6 +1,6 @@
-"""What does sharing KV blocks save in llama3-paged.py, and what does it cost?
+"""What does sharing KV blocks save in llama3-paged-sharing.py, and what does it cost?
 
-Real runs of llama3-paged.py on a checkpoint (the tiny random one by default) and the shipped ShareGPT
+Real runs of llama3-paged-sharing.py on a checkpoint (the tiny random one by default) and the shipped ShareGPT
 prompts, all with --ref-lengths --quiet --json, block size 16, on the CPU:
 
 1. Parallel samples: the first N prompts (default 8) with --samples S (S = 1, 2, 4, 8; --temperature 0.8
@@ -24,12 +24,15 @@ would be for Llama-3-8B (128 KiB per token). Every run uses one torch thread by 
 line if a run fails, preempts where it must not, or the tokens of two runs that must agree differ.
 """
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import common
+from cli import ArgumentParser, fail, log, print_table, run_main
+from machine import machine
+from replay import replay
+from scripts import (DEFAULT_CKPT, DEFAULT_MAX_SEQ_LEN, DEFAULT_PROMPTS, LLAMA3_8B_KV_BYTES_PER_TOKEN, call_script,
+                     load_script, prompt_lengths, require_checkpoint, run_script, tokenizer_path)
 
 BLOCK_SIZE = 16
 SAMPLES = (1, 2, 4, 8)
@@ -64,12 +67,12 @@ privacy, and offer a safe alternative where there is one.
 
 
 def parse_args(argv):
-    p = common.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer prompts per section (2, 2, 5): under ~2 min")
     p.add_argument("--sample-prompts", type=int, help="N for section 1 (default 8; 2 with --quick)")
     p.add_argument("--system-prompts", type=int, help="N for section 2 (default 32; 2 with --quick)")
     p.add_argument("--preempt-prompts", type=int, help="N for section 3 (default 16; 5 with --quick)")
-    p.add_argument("--ckpt-dir", default=str(common.DEFAULT_CKPT), help="checkpoint for the runs (default: the tiny one)")
+    p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT), help="checkpoint for the runs (default: the tiny one)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1)")
     args = p.parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -78,13 +81,9 @@ def parse_args(argv):
             setattr(args, name, default)
     for name in (*mode, "threads"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    common.require_checkpoint(args.ckpt_dir)
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    require_checkpoint(args.ckpt_dir)
     return args
-
-
-def log(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def round_up(tokens):
@@ -93,20 +92,20 @@ def round_up(tokens):
 
 def gb_8b(tokens):
     """GB that many tokens of K and V would take for Llama-3-8B in bf16."""
-    return f"{tokens * common.LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9:.3f}"
+    return f"{tokens * LLAMA3_8B_KV_BYTES_PER_TOKEN / 1e9:.3f}"
 
 
-def run_paged(label, n, args, budget, extra=(), prompts=None):
-    """One real run of llama3-paged.py on n prompts; returns (its --json output, seconds for the whole process).
-    A failed run ends the tool with its error."""
+def run_sharing(label, n, args, budget, extra=(), prompts=None):
+    """One real run of llama3-paged-sharing.py on n prompts; returns (its --json output, seconds for the whole
+    process). A failed run ends the tool with its error."""
     log(f"running {label}")
-    run = common.run_script("paged", n, args.ckpt_dir, budget, common.DEFAULT_MAX_SEQ_LEN, args.threads,
-                            prompts=prompts, block_size=BLOCK_SIZE, extra=extra)
+    run = run_script("sharing", n, args.ckpt_dir, budget, DEFAULT_MAX_SEQ_LEN, args.threads, prompts=prompts,
+                     block_size=BLOCK_SIZE, extra=extra)
     if run["json"] is None:
-        common.fail(f"{label} failed (exit {run['rc']}): {run['stderr'] or 'no message'}")
+        fail(f"{label} failed (exit {run['rc']}): {run['stderr'] or 'no message'}")
     stats = run["json"]["stats"]
     if stats["finished"] != stats["requests"]:
-        common.fail(f"{label}: only {stats['finished']} of {stats['requests']} requests finished")
+        fail(f"{label}: only {stats['finished']} of {stats['requests']} requests finished")
     return run["json"], run["seconds"]
 
 
@@ -118,11 +117,11 @@ def check_same_tokens(a, b, what):
     """Exit 1 with one line unless two runs generated the same token ids for every request."""
     ga, gb = generated(a), generated(b)
     if len(ga) != len(gb):
-        common.fail(f"{what}: {len(ga)} requests against {len(gb)}")
+        fail(f"{what}: {len(ga)} requests against {len(gb)}")
     for i, (x, y) in enumerate(zip(ga, gb)):
         if x != y:
             at = next((k for k, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
-            common.fail(f"{what}: request {i} generates different token ids from its token {at} on")
+            fail(f"{what}: request {i} generates different token ids from its token {at} on")
     return f"yes, all {len(ga)} requests"
 
 
@@ -132,18 +131,18 @@ def check_same_tokens(a, b, what):
 def repeated_prompts_file(tmp, n, samples, tokenizer):
     """A prompts file with each of the first n shipped entries `samples` times in a row: run with --samples 1,
     its request i * samples + s is sample s of prompt i, the request the --samples run gives the same id."""
-    paged = common.load_script("paged")
-    entries = json.loads(common.DEFAULT_PROMPTS.read_text(encoding="utf-8"))[:n]
+    sharing = load_script("sharing")
+    entries = json.loads(DEFAULT_PROMPTS.read_text(encoding="utf-8"))[:n]
     path = Path(tmp) / f"repeated-{n}x{samples}.json"
     path.write_text(json.dumps([e for e in entries for _ in range(samples)]))
     # The scripts skip entries with no human turn; then "the first n entries" would not be "the first n prompts".
-    want = paged.load_prompts(common.DEFAULT_PROMPTS, n, tokenizer)
+    want = call_script(sharing.load_prompts, DEFAULT_PROMPTS, n, tokenizer)
     try:
-        got = paged.load_prompts(path, n * samples, tokenizer)
+        got = sharing.load_prompts(path, n * samples, tokenizer)
     except SystemExit:  # the script's fail(): fewer usable prompts than entries
         got = None
     if got != [p for p in want for _ in range(samples)]:
-        common.fail(f"the first {n} entries of {common.DEFAULT_PROMPTS.name} are not all usable prompts")
+        fail(f"the first {n} entries of {DEFAULT_PROMPTS.name} are not all usable prompts")
     return path
 
 
@@ -155,18 +154,18 @@ def parallel_samples(lengths, tokenizer, args):
     with tempfile.TemporaryDirectory() as tmp:
         for s in SAMPLES:
             path = repeated_prompts_file(tmp, n, s, tokenizer)
-            shared, _ = run_paged(f"--samples {s} on {n} prompts", n, args, budget,
+            shared, _ = run_sharing(f"--samples {s} on {n} prompts", n, args, budget,
                                   ["--samples", s, "--temperature", TEMPERATURE, "--seed", SEED])
-            alone, _ = run_paged(f"{n * s} separate requests ({n} prompts x {s})", n * s, args, budget,
+            alone, _ = run_sharing(f"{n * s} separate requests ({n} prompts x {s})", n * s, args, budget,
                                   ["--temperature", TEMPERATURE, "--seed", SEED], prompts=path)
             a, b = shared["stats"], alone["stats"]
             if a["preemptions"] or b["preemptions"]:
-                common.fail(f"S={s}: a run preempted ({a['preemptions']} shared, {b['preemptions']} separate) "
+                fail(f"S={s}: a run preempted ({a['preemptions']} shared, {b['preemptions']} separate) "
                             f"in a budget of {budget} tokens meant to avoid it")
             # Same prompts and, with --ref-lengths, the same lengths: the two runs hold the same tokens.
             if ([(r["prompt_ids"], len(r["generated_ids"])) for r in shared["requests"]]
                     != [(r["prompt_ids"], len(r["generated_ids"])) for r in alone["requests"]]):
-                common.fail(f"S={s}: the separate run's prompts or lengths differ from the --samples run's")
+                fail(f"S={s}: the separate run's prompts or lengths differ from the --samples run's")
             rows.append([s, n * s, a["peak_reserved_tokens"], b["peak_reserved_tokens"],
                          f"{b['peak_reserved_tokens'] / a['peak_reserved_tokens']:.2f}",
                          gb_8b(a["peak_reserved_tokens"]), gb_8b(b["peak_reserved_tokens"]),
@@ -175,7 +174,7 @@ def parallel_samples(lengths, tokenizer, args):
     print(f"\n== 1. Parallel samples: the first {n} prompts, --samples S --temperature {TEMPERATURE} --seed {SEED}, "
           f"vs the same {n} x S sequences as separate requests (each prompt S times in a prompts file, --samples 1); "
           f"block {BLOCK_SIZE}, KV budget {budget:,} tokens, prefix sharing off in both, --ref-lengths ==")
-    common.print_table(["S", "sequences", "peak KV shared", "peak KV separate", "separate/shared",
+    print_table(["S", "sequences", "peak KV shared", "peak KV separate", "separate/shared",
                         "GB shared (8B)", "GB separate (8B)", "shared blocks peak", "CoW copies",
                         "script's unshared est.", "wall s shared", "wall s separate"], rows)
     print("peak KV in tokens reserved (blocks x 16); GB (8B) = those tokens at Llama-3-8B's 128 KiB per token. "
@@ -188,27 +187,27 @@ def parallel_samples(lengths, tokenizer, args):
 # 2. A shared system prompt
 
 def system_prompt(lengths, tokenizer, args):
-    paged = common.load_script("paged")
+    sharing = load_script("sharing")
     n = args.system_prompts
     system_tokens = len(tokenizer.encode_ordinary(SYSTEM_PROMPT.strip()))
     # The system turn (its header, text and end-of-turn token) goes before every user turn, whatever it says.
-    added = len(paged.encode_chat(tokenizer, "x", SYSTEM_PROMPT)) - len(paged.encode_chat(tokenizer, "x"))
+    added = len(sharing.encode_chat(tokenizer, "x", SYSTEM_PROMPT)) - len(sharing.encode_chat(tokenizer, "x"))
     # What every prompt starts with (up to the user's own words), and so the full blocks a later request can
     # find in the cache: all of them for every request after the first.
-    a, b = paged.encode_chat(tokenizer, "a", SYSTEM_PROMPT), paged.encode_chat(tokenizer, "b", SYSTEM_PROMPT)
+    a, b = sharing.encode_chat(tokenizer, "a", SYSTEM_PROMPT), sharing.encode_chat(tokenizer, "b", SYSTEM_PROMPT)
     common_prefix = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     expected_hits = (n - 1) * (common_prefix // BLOCK_SIZE) * BLOCK_SIZE
     budget = sum(round_up(p + added + g + 1) for p, g in lengths[:n])  # all at once, unshared: no preemption
     extra = ["--system-prompt", SYSTEM_PROMPT]
-    on, on_s = run_paged(f"{n} prompts + system prompt, prefix sharing", n, args, budget,
+    on, on_s = run_sharing(f"{n} prompts + system prompt, prefix sharing", n, args, budget,
                          extra + ["--prefix-sharing"])
-    off, off_s = run_paged(f"{n} prompts + system prompt, no prefix sharing", n, args, budget,
+    off, off_s = run_sharing(f"{n} prompts + system prompt, no prefix sharing", n, args, budget,
                            extra)
     rows = []
     for label, data, seconds in (("prefix sharing", on, on_s), ("no prefix sharing", off, off_s)):
         s = data["stats"]
         if s["preemptions"]:
-            common.fail(f"{label}: {s['preemptions']} preemptions in a budget of {budget} tokens meant to avoid them")
+            fail(f"{label}: {s['preemptions']} preemptions in a budget of {budget} tokens meant to avoid them")
         rows.append([label, s["prefix_hit_tokens"], s["peak_reserved_tokens"], gb_8b(s["peak_reserved_tokens"]),
                      s["shared_blocks_peak"], s["decode_steps"], f"{s['wall_seconds']:.1f}", f"{seconds:.1f}"])
     prompt_tokens = sum(len(r["prompt_ids"]) for r in on["requests"])
@@ -216,7 +215,7 @@ def system_prompt(lengths, tokenizer, args):
           f"({added} with its chat header and end-of-turn; every prompt starts with the same {common_prefix} tokens, "
           f"{common_prefix // BLOCK_SIZE} full blocks), greedy, block {BLOCK_SIZE}, KV budget {budget:,} tokens, "
           f"--ref-lengths ==")
-    common.print_table(["run", "prefix hit tokens", "peak KV reserved", "GB (8B)", "shared blocks peak",
+    print_table(["run", "prefix hit tokens", "peak KV reserved", "GB (8B)", "shared blocks peak",
                         "decode steps", "wall s", "process s"], rows)
     same = check_same_tokens(on, off, "prefix sharing changed the generated tokens")
     print(f"prompt tokens in all: {prompt_tokens:,}; prefix hits expected if every request after the first finds "
@@ -229,30 +228,30 @@ def system_prompt(lengths, tokenizer, args):
 # 3. Swap vs recompute
 
 def preempt_budget(lengths):
-    """A budget a bit above the longest request (PREEMPT_BUDGET_FACTOR x its tokens, whole blocks) that
-    the replay of the script's scheduling says makes it preempt; else the tightest one that holds the
+    """A budget a bit above the longest request (PREEMPT_BUDGET_FACTOR x its tokens, whole blocks) that a
+    replay of the script's generate() (tools/replay.py) says makes it preempt; else the tightest one that holds the
     longest request. Returns (budget, preemptions the replay predicts for --preempt recompute)."""
     longest = max(p + g for p, g in lengths)
     for budget in (round_up(int(PREEMPT_BUDGET_FACTOR * longest)), round_up(longest + 1)):
-        sim = common.simulate_paged(lengths, budget, BLOCK_SIZE)
-        if sim["failed"] is None and sim["preemptions"]:
-            return budget, sim["preemptions"]
-    common.fail(f"the first {len(lengths)} prompts never preempt in any budget that holds the longest one: "
-                f"use more (--preempt-prompts)")
+        replayed = replay(lengths, budget, BLOCK_SIZE, script="sharing")
+        if replayed["failed"] is None and replayed["preemptions"]:
+            return budget, replayed["preemptions"]
+    fail(f"the first {len(lengths)} prompts never preempt in any budget that holds the longest one: "
+         f"use more (--preempt-prompts)")
 
 
 def swap_vs_recompute(lengths, budget, replayed, args):
     n = args.preempt_prompts
     longest = max(p + g for p, g in lengths[:n])
     total = sum(p + g for p, g in lengths[:n])
-    runs = {mode: run_paged(f"{n} prompts, --preempt {mode}, budget {budget}", n, args, budget,
+    runs = {mode: run_sharing(f"{n} prompts, --preempt {mode}, budget {budget}", n, args, budget,
                             ["--preempt", mode])
             for mode in ("recompute", "swap")}
     rows = []
     for mode, (data, seconds) in runs.items():
         s = data["stats"]
         if not s["preemptions"]:
-            common.fail(f"--preempt {mode}: no preemption in a budget of {budget} tokens meant to force some")
+            fail(f"--preempt {mode}: no preemption in a budget of {budget} tokens meant to force some")
         # The tiny model's swapped bytes, and what the same tokens would be for Llama-3-8B.
         tokens = s["swapped_bytes"] / s["kv_bytes_per_token"]
         rows.append([mode, s["preemptions"], s["swapped_bytes"], f"{s['swapped_bytes'] / 1e6:.2f}",
@@ -261,28 +260,29 @@ def swap_vs_recompute(lengths, budget, replayed, args):
     print(f"\n== 3. Swap vs recompute: the first {n} prompts, greedy, block {BLOCK_SIZE}, KV budget {budget:,} tokens "
           f"({PREEMPT_BUDGET_FACTOR}x the longest request's {longest} tokens, in whole blocks; all {n} requests hold "
           f"{total:,} tokens), prefix sharing off, --ref-lengths ==")
-    common.print_table(["--preempt", "preemptions", "swapped bytes", "swapped MB", "swapped tokens", "GB (8B)",
+    print_table(["--preempt", "preemptions", "swapped bytes", "swapped MB", "swapped tokens", "GB (8B)",
                         "decode steps", "generated", "peak KV reserved", "wall s", "process s"], rows)
     same = check_same_tokens(runs["recompute"][0], runs["swap"][0], "--preempt swap and recompute disagree")
     kv = runs["swap"][0]["stats"]["kv_bytes_per_token"]
     print(f"swapped bytes count both directions (out to host memory and back in), at this checkpoint's {kv} bytes "
           f"per token; swapped tokens = bytes / {kv}; GB (8B) = those tokens at 128 KiB per token. The replay of the "
-          f"scheduling (common.simulate_paged, recompute) predicted {replayed} preemptions.")
+          f"scheduling (the script's generate() replayed with a stand-in model, recompute) predicted {replayed} "
+          f"preemptions.")
     print(f"generated token ids identical in both runs: {same}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    print(f"machine: {common.machine()}")
-    print(f"mode: {'quick' if args.quick else 'full'}; checkpoint {args.ckpt_dir}; llama3-paged.py --ref-lengths "
-          f"--quiet --json --block-size {BLOCK_SIZE} --max-seq-len {common.DEFAULT_MAX_SEQ_LEN}; "
+    print(f"machine: {machine()}")
+    print(f"mode: {'quick' if args.quick else 'full'}; checkpoint {args.ckpt_dir}; llama3-paged-sharing.py --ref-lengths "
+          f"--quiet --json --block-size {BLOCK_SIZE} --max-seq-len {DEFAULT_MAX_SEQ_LEN}; "
           f"torch threads per run {args.threads}; N = {args.sample_prompts} / {args.system_prompts} / "
           f"{args.preempt_prompts} prompts in sections 1 / 2 / 3")
-    paged = common.load_script("paged")
-    tokenizer = paged.load_tokenizer(common.tokenizer_path())
+    sharing = load_script("sharing")
+    tokenizer = call_script(sharing.load_tokenizer, tokenizer_path())
     n_max = max(args.sample_prompts, args.system_prompts, args.preempt_prompts)
-    lengths = common.prompt_lengths(common.DEFAULT_PROMPTS, n_max)  # [(prompt tokens, tokens to generate)]
+    lengths = prompt_lengths(DEFAULT_PROMPTS, n_max)  # [(prompt tokens, tokens to generate)]
 
     # Section 3's budget now, so that prompts that can't be made to preempt fail before any run.
     preempt_tokens, replayed = preempt_budget(lengths[:args.preempt_prompts])
@@ -290,9 +290,9 @@ def main(argv=None):
     parallel_samples(lengths, tokenizer, args)
     system_prompt(lengths, tokenizer, args)
     swap_vs_recompute(lengths, preempt_tokens, replayed, args)
-    print(f"\nmachine at the end: {common.machine()}")
+    print(f"\nmachine at the end: {machine()}")
     print(f"sharing_bench.py took {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)
