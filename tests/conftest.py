@@ -20,13 +20,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_SECONDS))
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
     """The tensors here are tiny: more torch threads only add overhead, a lot of it when the cores are busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
-    yield
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the scripts run as subprocesses
+        yield
     torch.set_num_threads(threads)
 
 

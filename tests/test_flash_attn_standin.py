@@ -8,43 +8,21 @@
 2. Each rule the stand-in enforces, broken on purpose: a valid call with one thing changed must be refused with
    an AssertionError that names the rule. And valid calls, including the unusual ones the kernel accepts, must not be.
 """
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # pytest puts it there, unless in importlib mode
-    sys.path.insert(0, str(HERE))
-from flash_attn_standin import flash_attn_with_kvcache  # noqa: E402
+from flash_attn_standin import flash_attn_with_kvcache
+from load_scripts import load_script
 
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are tiny: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def attention_torch():
-    """The fallback in llama3-paged.py (llama3-naive.py carries an identical copy)."""
-    try:
-        from load_scripts import load_script
-        return load_script("paged").attention_torch
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("llama3_paged", HERE.parent / "llama3-paged.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["llama3_paged"] = module
-        spec.loader.exec_module(module)
-        return module.attention_torch
+    """The fallback in llama3-paged.py (the other scripts hold the same)."""
+    return load_script("paged").attention_torch
 
 
 # ---------------------------------------------------------------------------------------------

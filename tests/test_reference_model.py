@@ -113,15 +113,6 @@ def model_parallel(tmp_path_factory):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    """These tensors are small: one thread is several times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def prompts(tiny_ckpt):
     """Two real chat prompts from sharegpt-filtered.json, as the scripts encode them: a long one (a couple of
