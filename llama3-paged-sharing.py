@@ -477,7 +477,8 @@ def step_beams(group, logits, args, stop_ids, new_ids):
     for score, beam, token in sorted(candidates, key=lambda c: -c[0])[:args.beams]:
         if token is not None:
             if beam.id in extended:  # another winner from the same beam: a new beam forks from it
-                beam, parent = Request(next(new_ids), beam.prompt_ids, beam.ref_length, beam.tokens[:-1], root=beam.root), beam
+                parent, beam = beam, Request(next(new_ids), beam.prompt_ids, beam.ref_length, beam.tokens[:-1],
+                                             root=beam.root)
                 forks.append((parent, beam))
             extended.add(beam.id)
             append_token(beam, token, stop_ids, args.max_seq_len)

@@ -381,8 +381,8 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
         #    generated) goes through the model in one pass, filling its blocks and giving its next token.
         for req in admitted:
             table = manager.block_tables(torch.tensor([req.cache_row], device=DEVICE), manager.blocks_for(len(req.tokens)))
-            tokens, no_cached_tokens = torch.tensor([req.tokens], device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE)
-            logits = forward(model, tokens, no_cached_tokens, kv_cache, block_table=table)
+            tokens = torch.tensor([req.tokens], device=DEVICE)  # all of them new: none cached yet
+            logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=DEVICE), kv_cache, block_table=table)
             append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
             running.append(req)
 
