@@ -14,6 +14,15 @@ TEST_TIMEOUT_SECONDS = 120  # per test; the slowest takes about 20 s on a 2-core
 cpu_path_only = pytest.mark.skipif(torch.cuda.is_available(), reason="pins the CPU path (PyTorch kernel, CPU budget)")
 
 
+def pin_cpu_path(monkeypatch, *modules):
+    """Run the scripts' code in process as on a CPU, whatever the machine: CPU tensors, float32, attention_torch.
+    (On a CPU this changes nothing.)"""
+    for module in modules:
+        for name, value in (("DEVICE", torch.device("cpu")), ("DTYPE", torch.float32),
+                            ("attention", module.attention_torch), ("KERNEL", "pytorch")):
+            monkeypatch.setattr(module, name, value)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("timeout") is None:

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import pin_cpu_path
 from load_scripts import load_script
 from toy_model import VOCAB, check_tokens, toy_forward, toy_model
 
@@ -64,6 +65,7 @@ def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, op
         check_manager(manager, module is sharing)
         return toy_forward(*call, **kwargs)
 
+    pin_cpu_path(monkeypatch, module)
     monkeypatch.setattr(module, "forward", checked_forward)
     requests = make_requests(module, spec)
     if module is sharing:
@@ -142,6 +144,7 @@ def test_the_three_loops_agree_on_greedy_tokens(seed, monkeypatch):
     """naive, paged and sharing (with no sharing option, and with prefix sharing) generate the same tokens."""
     rng, block_size, max_seq_len, num_blocks = random_case(seed)
     spec = random_workload(rng, max_seq_len, [[rng.randrange(VOCAB) for _ in range(max_seq_len)]])
+    pin_cpu_path(monkeypatch, naive)
     monkeypatch.setattr(naive, "forward", toy_forward)
     requests = make_requests(naive, spec)
     cache = (torch.full((1, len(spec), max_seq_len), -1), torch.full((1, len(spec), max_seq_len), -1))

@@ -29,6 +29,7 @@ except ImportError as e:  # fail loudly: a skipped oracle checks nothing
     raise ImportError(f"{e}: Meta's reference model needs `pip install llama-models fairscale` "
                       f"(see tools/requirements.txt)") from None
 
+from conftest import pin_cpu_path
 from load_scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,14 @@ def model_parallel(tmp_path_factory):
         fs_init.destroy_model_parallel()
     if made_pg:
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_path():
+    """float32 on the CPU on any machine: the comparison is of the model code, which is the same on a GPU."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pin_cpu_path(monkeypatch, *(load_script(name) for name in SCRIPTS))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, cpu_path_only, run_script
+from conftest import ROOT, cpu_path_only, pin_cpu_path, run_script
 from load_scripts import load_script
 
 SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
@@ -60,6 +60,7 @@ def test_paged_matches_naive_token_for_token(naive, tiny_ckpt, tmp_path, block_s
     assert paged["stats"]["preemptions"] == 0
 
 
+@cpu_path_only
 def test_sharing_script_without_sharing_options_is_the_paged_script(tiny_ckpt, tmp_path):
     paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", 600)
     same, stdout = run_json("llama3-paged-sharing.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", 600)
@@ -228,14 +229,17 @@ CASES += [("llama3-naive.py", name, *case) for name, case in NAIVE_ONLY.items()]
 
 
 @pytest.mark.parametrize("script,name,make_args,message", CASES, ids=[f"{c[0][7:-3]}-{c[1]}" for c in CASES])
-def test_bad_input_gets_one_line_and_nonzero_exit(tiny_ckpt, tmp_path, script, name, make_args, message):
-    """In process, to keep the suite quick: fail() exits with its one-line message, which Python prints to
-    stderr with exit status 1 (the next test checks that as a user sees it). Any other exception fails the test."""
+def test_bad_input_gets_one_line_and_nonzero_exit(tiny_ckpt, tmp_path, monkeypatch, script, name, make_args, message):
+    """In process, to keep the suite quick, on the CPU path (the messages name its block size): fail() exits with
+    its one-line message, which Python prints to stderr with exit status 1 (the next test checks that as a user
+    sees it). Any other exception fails the test."""
     args = [str(a) for a in make_args(tmp_path, tiny_ckpt)]
     if "--ckpt-dir" not in args:
         args += ["--ckpt-dir", str(tiny_ckpt)]
+    module = load_script({"llama3-naive.py": "naive", "llama3-paged.py": "paged"}.get(script, "sharing"))
+    pin_cpu_path(monkeypatch, module)
     with pytest.raises(SystemExit) as exit:
-        load_script({"llama3-naive.py": "naive", "llama3-paged.py": "paged"}.get(script, "sharing")).main(args)
+        module.main(args)
     line = exit.value.code
     assert isinstance(line, str) and "\n" not in line, line
     assert line.startswith(f"{script}: error: ") and message in line, line

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import cpu_path_only, pin_cpu_path, run_script
 from load_scripts import load_script
 
 sharing = load_script("sharing")
@@ -81,6 +81,7 @@ def test_one_beam_is_greedy(greedy, tiny_ckpt, tmp_path):
     assert generated(run) == generated(greedy)
 
 
+@cpu_path_only
 def test_sampling_is_reproducible_and_survives_preemption_by_swap_and_by_recompute(tiny_ckpt, tmp_path):
     sample = ["--ref-lengths", "--max-seq-len", 120, "--quiet", "--samples", 2, "--temperature", 0.9, "--seed", 5,
               "--block-size", 8]
@@ -97,6 +98,7 @@ def test_sampling_is_reproducible_and_survives_preemption_by_swap_and_by_recompu
     assert runs["swap"]["stats"]["swapped_bytes"] > 0 and runs["recompute"]["stats"]["swapped_bytes"] == 0
 
 
+@cpu_path_only
 def test_prefix_sharing_changes_no_token(tiny_ckpt, tmp_path):
     shared, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM, "--prefix-sharing")
     alone, _ = run_json(tiny_ckpt, tmp_path, *COMMON, "--system-prompt", SYSTEM)
@@ -123,6 +125,14 @@ def test_prefix_sharing_changes_no_token(tiny_ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # In process: the cache against from-scratch recomputes.
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_path():
+    """The in-process tests pick small block sizes: they run the script's CPU path, on any machine."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pin_cpu_path(monkeypatch, sharing)
+        yield
+
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
