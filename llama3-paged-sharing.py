@@ -321,7 +321,7 @@ class KVCacheManager:
         # (num_rows, max_blocks_per_request) int32, where the kernel reads it. It lives from step to step: a
         # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
         self.block_table = torch.zeros(num_rows, max_blocks_per_request, dtype=torch.int32, device=device)
-        self.new_entries = []  # (row, column, block) handed out since block_table was last written
+        self.new_entries = {}  # (row, column) -> the block to write there, the latest only (see block_tables)
         self.copies = {}       # new block -> the shared block it must be a copy of before this step's writes
         self.prefix = {} if share_prefixes else None  # (block before it or -1, its tokens) -> a full block
         self.prefix_key = {}   # block -> its key in self.prefix
@@ -372,7 +372,7 @@ class KVCacheManager:
         elif self.ref_count[blocks[-1]] > 1:  # (no longer, if its other holders copied it first)
             shared, blocks[-1] = blocks[-1], self.free_blocks.popleft()
             self.ref_count[blocks[-1]] = 1
-            self.new_entries.append((self.rows[req_id], len(blocks) - 1, blocks[-1]))
+            self.new_entries[self.rows[req_id], len(blocks) - 1] = blocks[-1]
             self.copies[blocks[-1]] = shared
             self._release(shared)
 
@@ -384,8 +384,10 @@ class KVCacheManager:
 
     def block_tables(self, rows, width):
         """The tables of a batch, read from block_table: (batch, width) int32, rows (batch,) in batch order."""
-        if self.new_entries:  # one write for all the blocks handed out since the last call
-            row, column, block = zip(*self.new_entries)
+        if self.new_entries:  # one write for all the blocks handed out since the last call. One entry per (row,
+            # column): where an indexed write repeats an index, a GPU may keep any of the values, not the last.
+            row, column = zip(*self.new_entries)
+            block = list(self.new_entries.values())
             self.block_table[row, column] = torch.tensor(block, dtype=torch.int32, device=self.block_table.device)
             self.new_entries.clear()
         return self.block_table[:, :width].index_select(0, rows)
@@ -394,7 +396,7 @@ class KVCacheManager:
         """Add block to the end of a request's blocks: a free one, or one that others hold too."""
         self.ref_count[block] += 1
         self.shared += self.ref_count[block] > 1
-        self.new_entries.append((self.rows[req_id], len(self.blocks[req_id]), block))
+        self.new_entries[self.rows[req_id], len(self.blocks[req_id])] = block
         self.blocks[req_id].append(block)
 
     def _release(self, block):

@@ -295,7 +295,7 @@ class KVCacheManager:
         # (num_requests, max_blocks_per_request) int32, where the kernel reads it. It lives from step to step: a
         # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
         self.block_table = torch.zeros(num_requests, max_blocks_per_request, dtype=torch.int32, device=device)
-        self.new_entries = []  # (row, column, block) handed out since block_table was last written
+        self.new_entries = {}  # (row, column) -> the block to write there, the latest only (see block_tables)
 
     def blocks_for(self, num_tokens):
         return -(-num_tokens // self.block_size)  # ceil(num_tokens / block_size)
@@ -316,7 +316,7 @@ class KVCacheManager:
 
     def append_block(self, req_id):
         block = self.free_blocks.popleft()
-        self.new_entries.append((req_id, len(self.blocks[req_id]), block))
+        self.new_entries[req_id, len(self.blocks[req_id])] = block
         self.blocks[req_id].append(block)
 
     def free(self, req_id):
@@ -325,8 +325,10 @@ class KVCacheManager:
 
     def block_tables(self, rows, width):
         """The tables of a batch, read from block_table: (batch, width) int32, rows (batch,) in batch order."""
-        if self.new_entries:  # one write for all the blocks handed out since the last call
-            row, column, block = zip(*self.new_entries)
+        if self.new_entries:  # one write for all the blocks handed out since the last call. One entry per (row,
+            # column): where an indexed write repeats an index, a GPU may keep any of the values, not the last.
+            row, column = zip(*self.new_entries)
+            block = list(self.new_entries.values())
             self.block_table[row, column] = torch.tensor(block, dtype=torch.int32, device=self.block_table.device)
             self.new_entries.clear()
         return self.block_table[:, :width].index_select(0, rows)
