@@ -12,6 +12,7 @@ set by the worst case, not by the tokens actually held.
 """
 import argparse
 import base64
+import inspect
 import json
 import math
 import os
@@ -30,11 +31,10 @@ except ImportError:
     flash_attn_with_kvcache = None
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # of the weights and the KV cache
-CUDA_HEADROOM_BYTES = 1536 * 2**20  # left free on a GPU for activations and the CUDA context
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside Llama-3-8B in bf16 (the
-# README shows the sum), at 128 KiB per token: 7 naive requests of 8192 tokens fit, 8 don't.
-CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - CUDA_HEADROOM_BYTES) // (128 * 2**10)  # 61,691
+# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside Llama-3-8B in bf16 and
+# 1.5 GiB for the CUDA context and a step's activations (the README shows the sum), at 128 KiB per token: 7 naive
+# requests of 8192 tokens fit, 8 don't.
+CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - 1536 * 2**20) // (128 * 2**10)  # 61,691
 
 
 def fail(message):
@@ -43,7 +43,7 @@ def fail(message):
 
 
 def parse_args(argv):
-    budget = "free GPU memory less 1.5 GiB" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    budget = "the GPU's free memory less step_bytes()" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
@@ -147,6 +147,8 @@ def load_model(ckpt_dir):
         return model
     except KeyError as e:
         fail(f"the checkpoint in {ckpt_dir} has no {e}")
+    except torch.cuda.OutOfMemoryError:
+        fail(f"the weights in {ckpt_dir} do not fit in the GPU's {torch.cuda.mem_get_info(DEVICE)[1] / 1e9:.3g} GB")
     except Exception as e:  # unreadable, truncated or not a checkpoint: torch and json raise many kinds
         fail(f"cannot load the checkpoint in {ckpt_dir}: {str(e).splitlines()[0]}")
 
@@ -198,44 +200,70 @@ def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batc
         h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
         x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
         h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
-    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"]).float()
+    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"])  # in DTYPE: argmax needs no copy
+
+
+ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and computes scores, this many at a time
 
 
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
-    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal).
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal), reading each
+    request's row of the cache as the kernel does. q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen,
+    n_kv_heads, head_dim), written into the cache at positions cache_seqlens[b] + 0..seqlen-1; k_cache, v_cache:
+    (cache_batch, max_seq_len, n_kv_heads, head_dim), read at rows cache_batch_idx (batch,). Returns q's shape.
 
-    q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into the cache
-    at positions cache_seqlens[b] + 0..seqlen-1. k_cache, v_cache: a pool (num_blocks, block_size, n_kv_heads,
-    head_dim) read through block_table (batch, blocks_per_seq), or rows (cache_batch, max_seq_len, n_kv_heads,
-    head_dim) read at cache_batch_idx (batch,). Returns q's shape."""
+    It attends a few rows and queries at a time, so that the memory it takes stays bounded whatever the batch:
+    at Llama-3-8B's shape, at most 270 MB up to 8192 tokens, its output included (tests/test_attention.py)."""
     seqlen = q.shape[1]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
-    if block_table is not None:
-        block_size = k_cache.shape[1]
-        blocks = block_table.long().gather(1, positions // block_size)  # physical block of each new token
-        k_cache[blocks, positions % block_size], v_cache[blocks, positions % block_size] = k, v
-        keys = k_cache[block_table.long()].flatten(1, 2)  # (batch, blocks_per_seq * block_size, n_kv_heads, head_dim)
-        values = v_cache[block_table.long()].flatten(1, 2)
-    else:
-        rows = cache_batch_idx.long()
-        k_cache[rows[:, None], positions], v_cache[rows[:, None], positions] = k, v
-        # Like flash-attn, read no further than the longest row's tokens, not all max_seq_len of them.
-        longest = int(positions.max()) + 1
-        keys, values = k_cache[rows, :longest], v_cache[rows, :longest]  # (batch, longest, n_kv_heads, head_dim)
-    # Query i of a row sees the keys up to its own position: flash-attn's causal mask, aligned to the bottom
-    # right. Keys past the row's length (unwritten cache, spare blocks) are never visible.
-    mask = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= positions[:, :, None]  # (batch, seqlen, keys)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                         attn_mask=mask[:, None], enable_gqa=True)
-    return out.transpose(1, 2)
+    cache_rows = cache_batch_idx.long()
+    k_cache[cache_rows[:, None], positions], v_cache[cache_rows[:, None], positions] = k, v
+    num_keys = int(positions.max()) + 1  # like flash-attn, read no further than the longest row's tokens
+    rows = min(len(q), max(1, ATTENTION_CHUNK // (num_keys * k_cache.shape[2] * k_cache.shape[3])))
+    queries = max(1, ATTENTION_CHUNK // (rows * q.shape[2] * num_keys))  # scores: rows x n_heads x queries x keys
+    out = torch.empty_like(q)
+    for r in range(0, len(q), rows):
+        keys = k_cache[cache_rows[r:r + rows], :num_keys]  # (rows, num_keys, n_kv_heads, head_dim)
+        values = v_cache[cache_rows[r:r + rows], :num_keys]
+        for i in range(0, seqlen, queries):
+            out[r:r + rows, i:i + queries] = attend(q[r:r + rows, i:i + queries], keys, values,
+                                                    positions[r:r + rows, i:i + queries])
+    return out
 
 
-# The attention kernel, chosen once: flash-attn's where it runs (a CUDA GPU with flash-attn installed),
-# attention_torch everywhere else. forward() calls it by this name.
-if DEVICE.type == "cuda" and flash_attn_with_kvcache is not None:
-    attention, KERNEL = flash_attn_with_kvcache, "flash-attn"
-else:
-    attention, KERNEL = attention_torch, "pytorch"
+def attend(q, keys, values, positions):
+    """Causal attention of q (rows, seqlen, n_heads, head_dim) over keys and values (rows, num_keys, n_kv_heads,
+    head_dim). Query i of a row sees keys 0..positions[row, i]: flash-attn's causal mask, aligned to the bottom
+    right, so keys past a row's length (unwritten slots, spare blocks) are never seen. Query head h reads KV head
+    h // group: each KV head meets its group of query heads in one product, without a copy per query head."""
+    rows, seqlen, n_heads, head_dim = q.shape
+    num_keys, n_kv_heads = keys.shape[1:3]
+    group = n_heads // n_kv_heads
+    q = (q * head_dim**-0.5).view(rows, seqlen, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    scores = q.flatten(2, 3) @ keys.permute(0, 2, 3, 1)  # (rows, n_kv_heads, group * seqlen, num_keys)
+    hidden = torch.arange(num_keys, device=q.device) > positions[:, None, None, :, None]  # (rows, 1, 1, seqlen, keys)
+    scores = scores.view(rows, n_kv_heads, group, seqlen, num_keys).masked_fill_(hidden, -math.inf)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    out = probs.flatten(2, 3) @ values.transpose(1, 2)  # (rows, n_kv_heads, group * seqlen, head_dim)
+    return out.unflatten(2, (group, seqlen)).permute(0, 3, 1, 2, 4).flatten(2, 3)  # (rows, seqlen, n_heads, head_dim)
+
+
+def choose_kernel(flash_attn, capability):
+    """The attention kernel, and the dtype of weights and cache, for a device: a CPU (capability None) or a CUDA
+    GPU of compute capability (major, minor). flash-attn where it can run: Ampere (8.0) or newer, and a version
+    whose flash_attn_with_kvcache takes a block table (2.5 and later). bfloat16 where the GPU has it natively (also
+    Ampere or newer), float16 on older ones (a T4 is 7.5), float32 on a CPU."""
+    if capability is None:
+        return attention_torch, "pytorch", torch.float32
+    dtype = torch.bfloat16 if capability >= (8, 0) else torch.float16
+    if flash_attn and capability >= (8, 0) and "block_table" in inspect.signature(flash_attn).parameters:
+        return flash_attn, "flash-attn", dtype
+    return attention_torch, "pytorch", dtype
+
+
+# Chosen once. forward() calls the kernel by this name.
+attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,
+                                         torch.cuda.get_device_capability() if DEVICE.type == "cuda" else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +290,17 @@ def append_token(req, token, stop_ids, max_seq_len):
     else:
         req.done = token in stop_ids
     req.done = req.done or len(req.tokens) >= max_seq_len
+
+
+def gpu_budget_tokens(model, max_seq_len, batch):
+    """The default KV budget on a GPU: its free memory with the weights loaded, less what a step may need beside
+    the pool: the activations of a prefill of max_seq_len tokens (a preempted request recomputes all it holds),
+    about 3 FFN-wide and 5 model-wide vectors a token; attention_torch's chunks; the logits of the largest batch;
+    and 256 MiB for the CUDA allocator's rounding and the libraries' workspaces."""
+    dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
+    activations = (max_seq_len * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
+    step_bytes = activations + 16 * ATTENTION_CHUNK + 2**28
+    return max(0, torch.cuda.mem_get_info(DEVICE)[0] - step_bytes) // model["kv_bytes_per_token"]
 
 
 def allocate_kv(shape):
@@ -309,6 +348,7 @@ def generate(model, requests, kv_cache, args, stop_ids):
             append_token(req, token, stop_ids, args.max_seq_len)
         stats["decode_steps"] += 1
         record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running))
+        show_progress(stats, requests, running, [], len(requests), len(requests), "rows")
         running = [r for r in running if not r.done]
     return stats
 
@@ -322,6 +362,14 @@ def batch_inputs(batch):
     cache_seqlens = torch.tensor([len(r.tokens) - 1 for r in batch], dtype=torch.int32, device=DEVICE)
     rows = torch.tensor([r.cache_row for r in batch], dtype=torch.int32, device=DEVICE)
     return tokens, cache_seqlens, rows
+
+
+def show_progress(stats, requests, running, waiting, in_use, total, unit):
+    """Where stderr is a terminal, one line rewritten in place at every decode step; in a log, nothing."""
+    if sys.stderr.isatty():
+        print(f"\rdecode step {stats['decode_steps']}: {len(running)} running, {len(waiting)} waiting, "
+              f"{sum(r.done for r in requests)} of {len(requests)} finished, {in_use} of {total} {unit} in use",
+              end="", file=sys.stderr, flush=True)
 
 
 def record_memory(stats, reserved_tokens, used_tokens):  # after each decode step
@@ -339,7 +387,7 @@ def report(stats, name):
         f"requests:              {stats['requests']} ({stats['finished']} finished)",
         f"generated tokens:      {stats['generated_tokens']} in {stats['wall_seconds']:.2f} s "
         f"({stats['generated_tokens'] / stats['wall_seconds']:.1f} tokens/s, {stats['decode_steps']} decode steps)",
-        f"attention kernel:      {stats['kernel']}",
+        f"attention kernel:      {stats['kernel']}, {stats['dtype']}",
         f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
         f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
         f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
@@ -352,6 +400,8 @@ def report(stats, name):
                   f"preemptions:           {stats['preemptions']}",
                   f"cache manager time:    {stats['manager_seconds']:.4f} s "
                   f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
+    if "peak_gpu_bytes" in stats:
+        lines.append(f"peak GPU memory:       {stats['peak_gpu_bytes'] / 1e9:.3g} GB of the GPU's {stats['gpu_bytes'] / 1e9:.3g} GB")
     print("\n".join(lines))
 
 
@@ -369,17 +419,23 @@ def main(argv=None):
     if model["vocab_size"] < tokenizer.n_vocab:
         fail(f"the checkpoint's vocab_size {model['vocab_size']} is smaller than the tokenizer's {tokenizer.n_vocab}")
     model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len)
-    budget_tokens = args.kv_budget_tokens or CPU_KV_BUDGET_TOKENS
-    if DEVICE.type == "cuda" and args.kv_budget_tokens is None:  # the GPU's free memory, less the headroom
-        budget_tokens = max(0, torch.cuda.mem_get_info(DEVICE)[0] - CUDA_HEADROOM_BYTES) // model["kv_bytes_per_token"]
+    budget_tokens = args.kv_budget_tokens or (gpu_budget_tokens(model, args.max_seq_len, len(requests))
+                                              if DEVICE.type == "cuda" else CPU_KV_BUDGET_TOKENS)
     try:
         kv_cache = make_kv_cache(model, budget_tokens, len(requests), args)
         start = time.perf_counter()
         stats = generate(model, requests, kv_cache, args, stop_ids)
     except torch.cuda.OutOfMemoryError as e:
         fail(f"out of GPU memory: {str(e).splitlines()[0]}")
-
-    stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL,
+    except RuntimeError as e:  # flash-attn refusing this GPU, or built for others: one line, as for any bad input
+        if KERNEL != "flash-attn":
+            raise
+        fail(f"flash-attn failed ({str(e).splitlines()[0]}); without it installed, the scripts use attention_torch")
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # after the progress line
+    if DEVICE.type == "cuda":
+        stats.update(peak_gpu_bytes=torch.cuda.max_memory_allocated(DEVICE), gpu_bytes=torch.cuda.mem_get_info(DEVICE)[1])
+    stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL, dtype=str(DTYPE)[6:],
                  generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
                  kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])
     stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]

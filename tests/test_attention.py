@@ -1,7 +1,9 @@
-"""attention_torch, the PyTorch function that takes flash-attn's place where it can't run, against a dense reference.
+"""attention_torch, the PyTorch function that takes flash-attn's place where it can't run, against a dense reference;
+and the memory it takes, counted as on a GPU, at Llama-3-8B's shape.
 
-The three scripts hold the same attention_torch (tests/test_twins.py checks it), so llama3-paged.py's is tested.
-It only has to handle what the scripts pass: causal=True, and a block table or cache_batch_idx.
+Each script has the attention_torch for its own cache layout: llama3-naive.py's reads rows at cache_batch_idx,
+llama3-paged.py's reads through a block table (llama3-paged-sharing.py's is the same, tests/test_twins.py checks
+it). Each only has to handle what its script passes: causal=True, and its rows or its block table.
 
 The reference below is written from flash-attn's documented semantics, one batch row and one head at a
 time: the keys of row b are its cached keys [0, cache_seqlens[b]) followed by the new keys; query head
@@ -21,7 +23,7 @@ import torch
 
 from load_scripts import load_script
 
-attention_torch = load_script("paged").attention_torch
+naive, paged = load_script("naive"), load_script("paged")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 # (cache_seqlens, seqlen_q): decode (seqlen_q 1) and prefill (seqlen_q > 1), from an empty cache and
@@ -139,7 +141,7 @@ def check(case, causal=True):
     want = reference(**{**case, **before}, causal=causal)
     want_k_cache, want_v_cache = expected_cache(case)
 
-    got = attention_torch(**case, causal=causal)
+    got = (naive if case["block_table"] is None else paged).attention_torch(**case, causal=causal)
 
     assert got.shape == case["q"].shape and got.dtype == case["q"].dtype
     assert_close(got, want, **TOL[case["q"].dtype])
@@ -173,28 +175,28 @@ def test_float32(layout, shape):
 def test_paged_and_contiguous_agree():
     """The same tokens laid out in blocks and in rows give the same outputs and the same cached tokens."""
     cache_seqlens, seqlen_q, block_size = [0, 7, 33, 16], 3, 5
-    paged = paged_case(11, cache_seqlens, seqlen_q, 8, 2, block_size)
+    in_blocks = paged_case(11, cache_seqlens, seqlen_q, 8, 2, block_size)
     # Copy each row's cached tokens out of its blocks into a contiguous cache, read through shuffled rows.
     rows = [2, 0, 3, 1]
     max_len = max(cache_seqlens) + seqlen_q
     k_rows = torch.randn(len(rows), max_len, 2, 8, dtype=torch.float64)
     v_rows = torch.randn(len(rows), max_len, 2, 8, dtype=torch.float64)
-    table = paged["block_table"]
+    table = in_blocks["block_table"]
     for b, cached in enumerate(cache_seqlens):
         for t in range(cached):
             slot = (int(table[b, t // block_size]), t % block_size)
-            k_rows[rows[b], t], v_rows[rows[b], t] = paged["k_cache"][slot], paged["v_cache"][slot]
-    contiguous = dict(paged, k_cache=k_rows, v_cache=v_rows, block_table=None,
+            k_rows[rows[b], t], v_rows[rows[b], t] = in_blocks["k_cache"][slot], in_blocks["v_cache"][slot]
+    contiguous = dict(in_blocks, k_cache=k_rows, v_cache=v_rows, block_table=None,
                       cache_batch_idx=torch.tensor(rows, dtype=torch.int32))
 
-    out_paged, out_rows = attention_torch(**paged), attention_torch(**contiguous)
+    out_paged, out_rows = paged.attention_torch(**in_blocks), naive.attention_torch(**contiguous)
 
     assert_close(out_paged, out_rows, rtol=1e-12, atol=1e-12)
     for b, cached in enumerate(cache_seqlens):
         for t in range(cached + seqlen_q):
             slot = (int(table[b, t // block_size]), t % block_size)
-            assert torch.equal(paged["k_cache"][slot], k_rows[rows[b], t])
-            assert torch.equal(paged["v_cache"][slot], v_rows[rows[b], t])
+            assert torch.equal(in_blocks["k_cache"][slot], k_rows[rows[b], t])
+            assert torch.equal(in_blocks["v_cache"][slot], v_rows[rows[b], t])
 
 
 def test_reference_mask_is_bottom_right_aligned():

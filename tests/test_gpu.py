@@ -42,7 +42,7 @@ CASES = [(True, 1, [0, 300, 1000]), (True, 37, [0, 255, 513]), (False, 1, [5, 70
 @flash
 @pytest.mark.parametrize("paged,seqlen,cache_seqlens", CASES)
 def test_flash_attn_matches_the_fallback(paged, seqlen, cache_seqlens):
-    fallback = load_script("paged").attention_torch
+    fallback = load_script("paged" if paged else "naive").attention_torch
     q, k_cache, v_cache, k, v, lens, index = inputs(paged, seqlen, cache_seqlens)
     k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
     expected = fallback(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True, **index)
@@ -54,7 +54,7 @@ def test_flash_attn_matches_the_fallback(paged, seqlen, cache_seqlens):
 @cuda
 @pytest.mark.parametrize("paged,seqlen,cache_seqlens", CASES)
 def test_fallback_on_cuda_matches_cpu(paged, seqlen, cache_seqlens):
-    fallback = load_script("paged").attention_torch
+    fallback = load_script("paged" if paged else "naive").attention_torch
     gpu = inputs(paged, seqlen, cache_seqlens, dtype=torch.float32, device="cuda")
     cpu = inputs(paged, seqlen, cache_seqlens, dtype=torch.float32, device="cpu")
     out_gpu = fallback(*gpu[:5], cache_seqlens=gpu[5], **gpu[6])

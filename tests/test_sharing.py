@@ -16,6 +16,7 @@ from conftest import cpu_path_only, pin_cpu_path, run_script
 from load_scripts import load_script
 
 sharing = load_script("sharing")
+naive = load_script("naive")  # its forward() reads a contiguous cache: a from-scratch reference
 N = 3
 # The first 3 prompts (44, 27 and 72 tokens) stop at 160 tokens or at their reference length (71 for the second).
 COMMON = ["--ref-lengths", "--max-seq-len", 160, "--quiet"]
@@ -130,7 +131,7 @@ def test_prefix_sharing_changes_no_token(tiny_ckpt, tmp_path):
 def cpu_path():
     """The in-process tests pick small block sizes: they run the script's CPU path, on any machine."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        pin_cpu_path(monkeypatch, sharing)
+        pin_cpu_path(monkeypatch, sharing, naive)
         yield
 
 
@@ -158,7 +159,7 @@ def prefill_from_scratch(model, tokens):
     log-probabilities (float64): each (n_layers, len(tokens), n_kv_heads, head_dim)."""
     shape = (len(model["layers"]), 1, len(tokens), model["n_kv_heads"], model["head_dim"])
     cache = (torch.zeros(shape), torch.zeros(shape))
-    logits = sharing.forward(model, torch.tensor([tokens]), torch.zeros(1, dtype=torch.int32), cache,
+    logits = naive.forward(model, torch.tensor([tokens]), torch.zeros(1, dtype=torch.int32), cache,
                            cache_batch_idx=torch.zeros(1, dtype=torch.int32))
     return cache[0][:, 0], cache[1][:, 0], torch.log_softmax(logits[0].float(), dim=-1).double()
 

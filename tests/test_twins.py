@@ -8,10 +8,10 @@ from conftest import ROOT
 
 SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
 # Top-level definitions identical in all three scripts.
-SHARED = ["DEVICE", "DTYPE", "CUDA_HEADROOM_BYTES", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES",
-          "load_tokenizer", "encode_chat", "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope",
-          "forward", "attention_torch", "attention", "append_token", "allocate_kv", "batch_inputs", "record_memory",
-          "report"]
+SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
+          "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
+          "choose_kernel", "attention", "append_token", "gpu_budget_tokens", "allocate_kv", "batch_inputs",
+          "show_progress", "record_memory", "report"]
 
 
 def definitions(script):
@@ -21,10 +21,10 @@ def definitions(script):
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             found[node.name] = ast.get_source_segment(source, node)
-        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            found[node.targets[0].id] = ast.get_source_segment(source, node)
-        elif isinstance(node, ast.If) and "attention" in ast.unparse(node.body[0]):
-            found["attention"] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Assign):  # NAME = ..., or attention, KERNEL, DTYPE = choose_kernel(...)
+            target = node.targets[0]
+            name = target.id if isinstance(target, ast.Name) else ast.unparse(target.elts[0])
+            found[name] = ast.get_source_segment(source, node)
     return found
 
 
@@ -34,6 +34,13 @@ def test_shared_parts_are_identical_in_all_three(name):
     assert all(texts.values()), f"{name} is missing from {[s for s, t in texts.items() if not t]}"
     assert texts[SCRIPTS[1]] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {SCRIPTS[1]}"
     assert texts[SCRIPTS[2]] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {SCRIPTS[2]}"
+
+
+def test_the_paged_scripts_read_the_block_table_alike():
+    """attention_torch reads its script's cache layout: naive's its rows, the paged scripts' the block table."""
+    assert definitions(SCRIPTS[1])["attention_torch"] == definitions(SCRIPTS[2])["attention_torch"]
+    assert "block_table" in definitions(SCRIPTS[1])["attention_torch"].split("):")[1]
+    assert "cache_batch_idx" in definitions(SCRIPTS[0])["attention_torch"].split("):")[1]
 
 
 def test_request_is_identical_in_naive_and_paged():
@@ -55,4 +62,4 @@ def test_the_kernel_is_called_by_name_where_attention_happens():
     for script in SCRIPTS:
         forward = definitions(script)["forward"]
         assert "out = attention(q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens," in forward
-        assert "attention, KERNEL = flash_attn_with_kvcache, \"flash-attn\"" in definitions(script)["attention"]
+        assert "attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache," in definitions(script)["attention"]
