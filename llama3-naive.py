@@ -4,7 +4,6 @@
     python llama3-naive.py 7 --ckpt-dir checkpoints/tiny --ref-lengths   # 7 ShareGPT prompts at once; 8 don't fit
 
 The first of three scripts; read llama3-paged.py next to it, then llama3-paged-sharing.py (`diff` shows each lesson).
-
 Here each request gets one contiguous row of the cache, max_seq_len tokens long, reserved before it starts
 and held until the whole batch is done. That is simple and fast to address, but a request that stops after
 300 tokens leaves the rest of its 8192-token row empty, and no other request may use it: the batch size is
@@ -31,9 +30,7 @@ except ImportError:
     flash_attn_with_kvcache = None
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# The default budget on a CPU, in tokens of K and V: what a 24 GB RTX 4090 has left beside Llama-3-8B in bf16 and
-# 1.5 GiB for the CUDA context and a step's activations (the README shows the sum), at 128 KiB per token: 7 naive
-# requests of 8192 tokens fit, 8 don't.
+# The default budget on a CPU, in tokens of K and V: a 24 GB GPU's room beside Llama-3-8B (the README shows the sum).
 CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - 1536 * 2**20) // (128 * 2**10)  # 61,691
 
 
@@ -43,7 +40,7 @@ def fail(message):
 
 
 def parse_args(argv):
-    budget = "the GPU's free memory less step_bytes()" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    budget = "the GPU's free memory less a step's needs" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
@@ -66,8 +63,7 @@ def parse_args(argv):
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format.
+# --- Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format ---------------------------------
 
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
@@ -121,8 +117,7 @@ def load_prompts(path, n, tokenizer):
     fail(f"asked for {n} prompts but {path} has {len(prompts)} (ShareGPT entries with a human turn)")
 
 
-# ---------------------------------------------------------------------------------------------
-# The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU.
+# --- The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU ------------------
 
 def load_model(ckpt_dir):
     ckpt_dir = Path(ckpt_dir)
@@ -181,10 +176,9 @@ def apply_rope(x, cos, sin):
 
 
 def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
-    """Run new tokens (batch, seqlen) through the model, appending their K and V to the cache after the
-    cache_seqlens (batch,) int32 tokens each request has there. kv_cache: (k, v), each (n_layers, ...) in the
-    layout the kernel reads through block_table (paged) or cache_batch_idx (a row per request). Returns the
-    last position's logits: (batch, vocab)."""
+    """Run new tokens (batch, seqlen) through the model, writing their K and V into kv_cache (k, v: each (n_layers,
+    ...), read through block_table or cache_batch_idx) after the cache_seqlens (batch,) tokens each request has there.
+    Returns the last position's logits (batch, vocab)."""
     batch, seqlen = tokens.shape
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=tokens.device)  # (batch, seqlen)
     cos, sin = model["rope_cos"][positions], model["rope_sin"][positions]
@@ -207,13 +201,12 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 
 
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
-    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal), reading each
-    request's row of the cache as the kernel does. q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen,
-    n_kv_heads, head_dim), written into the cache at positions cache_seqlens[b] + 0..seqlen-1; k_cache, v_cache:
-    (cache_batch, max_seq_len, n_kv_heads, head_dim), read at rows cache_batch_idx (batch,). Returns q's shape.
-
-    It attends a few rows and queries at a time, so that the memory it takes stays bounded whatever the batch:
-    at Llama-3-8B's shape, at most 270 MB up to 8192 tokens, its output included (tests/test_attention.py)."""
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal). q: (batch,
+    seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into the cache at positions
+    cache_seqlens[b] + 0, 1, ..., seqlen - 1. Returns q's shape. A few rows and queries at a time: at Llama-3-8B's
+    shape it holds at most 270 MB, its output included, whatever the batch, up to 8192 tokens (the tests count it).
+    The cache is rows, k_cache and v_cache (cache_batch, max_seq_len, n_kv_heads, head_dim): as in flash-attn,
+    row b's keys are the first tokens of row cache_batch_idx[b]."""
     seqlen = q.shape[1]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
     cache_rows = cache_batch_idx.long()
@@ -223,8 +216,7 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
     queries = max(1, ATTENTION_CHUNK // (rows * q.shape[2] * num_keys))  # scores: rows x n_heads x queries x keys
     out = torch.empty_like(q)
     for r in range(0, len(q), rows):
-        keys = k_cache[cache_rows[r:r + rows], :num_keys]  # (rows, num_keys, n_kv_heads, head_dim)
-        values = v_cache[cache_rows[r:r + rows], :num_keys]
+        keys, values = k_cache[cache_rows[r:r + rows], :num_keys], v_cache[cache_rows[r:r + rows], :num_keys]
         for i in range(0, seqlen, queries):
             out[r:r + rows, i:i + queries] = attend(q[r:r + rows, i:i + queries], keys, values,
                                                     positions[r:r + rows, i:i + queries])
@@ -233,9 +225,8 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
 
 def attend(q, keys, values, positions):
     """Causal attention of q (rows, seqlen, n_heads, head_dim) over keys and values (rows, num_keys, n_kv_heads,
-    head_dim). Query i of a row sees keys 0..positions[row, i]: flash-attn's causal mask, aligned to the bottom
-    right, so keys past a row's length (unwritten slots, spare blocks) are never seen. Query head h reads KV head
-    h // group: each KV head meets its group of query heads in one product, without a copy per query head."""
+    head_dim). Query i of a row sees keys 0..positions[row, i] (flash-attn's causal mask, aligned to the bottom right),
+    never a slot past the row's length. Query head h reads KV head h // group, without copying it for each head."""
     rows, seqlen, n_heads, head_dim = q.shape
     num_keys, n_kv_heads = keys.shape[1:3]
     group = n_heads // n_kv_heads
@@ -249,25 +240,21 @@ def attend(q, keys, values, positions):
 
 
 def choose_kernel(flash_attn, capability):
-    """The attention kernel, and the dtype of weights and cache, for a device: a CPU (capability None) or a CUDA
-    GPU of compute capability (major, minor). flash-attn where it can run: Ampere (8.0) or newer, and a version
-    whose flash_attn_with_kvcache takes a block table (2.5 and later). bfloat16 where the GPU has it natively (also
-    Ampere or newer), float16 on older ones (a T4 is 7.5), float32 on a CPU."""
+    """The attention kernel, and the dtype of weights and cache, for a CPU (capability None) or a GPU of compute
+    capability (major, minor): flash-attn where it runs, on Ampere (8.0) or newer with a flash_attn_with_kvcache
+    that takes a block table (2.5 and later); bfloat16 where the GPU has it natively, float16 on a T4 (7.5)."""
     if capability is None:
         return attention_torch, "pytorch", torch.float32
-    dtype = torch.bfloat16 if capability >= (8, 0) else torch.float16
     if flash_attn and capability >= (8, 0) and "block_table" in inspect.signature(flash_attn).parameters:
-        return flash_attn, "flash-attn", dtype
-    return attention_torch, "pytorch", dtype
+        return flash_attn, "flash-attn", torch.bfloat16
+    return attention_torch, "pytorch", torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
-# Chosen once. forward() calls the kernel by this name.
-attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,
+attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,  # once; forward() calls the kernel by this name
                                          torch.cuda.get_device_capability() if DEVICE.type == "cuda" else None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Requests and the KV budget.
+# --- Requests and the KV budget -----------------------------------------------------------------------------------
 
 @dataclass
 class Request:
@@ -285,21 +272,17 @@ class Request:
 
 def append_token(req, token, stop_ids, max_seq_len):
     req.tokens.append(token)
-    if req.ref_length is not None:
-        req.done = len(req.generated_ids) >= req.ref_length
-    else:
-        req.done = token in stop_ids
-    req.done = req.done or len(req.tokens) >= max_seq_len
+    stop = len(req.generated_ids) >= req.ref_length if req.ref_length is not None else token in stop_ids
+    req.done = stop or len(req.tokens) >= max_seq_len
 
 
 def gpu_budget_tokens(model, max_seq_len, batch):
-    """The default KV budget on a GPU: its free memory with the weights loaded, less what a step may need beside
-    the pool: the activations of a prefill of max_seq_len tokens (a preempted request recomputes all it holds),
-    about 3 FFN-wide and 5 model-wide vectors a token; attention_torch's chunks; the logits of the largest batch;
-    and 256 MiB for the CUDA allocator's rounding and the libraries' workspaces."""
+    """The default KV budget on a GPU: its free memory with the weights loaded, less the most a step needs beside
+    the pool: a prefill of max_seq_len tokens (a preempted request recomputes all it has), about 3 FFN-wide and 5
+    model-wide vectors a token; attention_torch's chunk; the largest batch's logits; 256 MiB for CUDA's libraries."""
     dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
-    activations = (max_seq_len * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
-    step_bytes = activations + 16 * ATTENTION_CHUNK + 2**28
+    step_bytes = (max_seq_len * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
+    step_bytes += 16 * ATTENTION_CHUNK + 2**28
     return max(0, torch.cuda.mem_get_info(DEVICE)[0] - step_bytes) // model["kv_bytes_per_token"]
 
 
@@ -311,8 +294,7 @@ def allocate_kv(shape):
     return torch.zeros(shape, dtype=DTYPE, device=DEVICE), torch.zeros(shape, dtype=DTYPE, device=DEVICE)
 
 
-# ---------------------------------------------------------------------------------------------
-# The naive KV cache.
+# --- The naive KV cache -------------------------------------------------------------------------------------------
 
 def make_kv_cache(model, budget_tokens, num_requests, args):
     """max_seq_len tokens for every request, up front: K and V, each (n_layers, N, max_seq_len, n_kv_heads, head_dim)."""
@@ -347,14 +329,13 @@ def generate(model, requests, kv_cache, args, stop_ids):
         for req, token in zip(running, logits.argmax(-1).tolist()):
             append_token(req, token, stop_ids, args.max_seq_len)
         stats["decode_steps"] += 1
-        record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running))
-        show_progress(stats, requests, running, [], len(requests), len(requests), "rows")
+        record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running), f"{len(running)} running, "
+                      f"{sum(r.done for r in requests)} of {len(requests)} finished, all {len(requests)} rows reserved")
         running = [r for r in running if not r.done]
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared by the three scripts: batch inputs and the report.
+# --- Shared by the three scripts: batch inputs and the report -----------------------------------------------------
 
 def batch_inputs(batch):
     """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
@@ -364,19 +345,13 @@ def batch_inputs(batch):
     return tokens, cache_seqlens, rows
 
 
-def show_progress(stats, requests, running, waiting, in_use, total, unit):
-    """Where stderr is a terminal, one line rewritten in place at every decode step; in a log, nothing."""
-    if sys.stderr.isatty():
-        print(f"\rdecode step {stats['decode_steps']}: {len(running)} running, {len(waiting)} waiting, "
-              f"{sum(r.done for r in requests)} of {len(requests)} finished, {in_use} of {total} {unit} in use",
-              end="", file=sys.stderr, flush=True)
-
-
-def record_memory(stats, reserved_tokens, used_tokens):  # after each decode step
+def record_memory(stats, reserved_tokens, used_tokens, progress):  # after each decode step
     stats["timeline"].append((reserved_tokens, used_tokens))
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
         stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
+    if sys.stderr.isatty():  # one line, rewritten in place, to watch the batch grow and shrink (in a log, nothing)
+        print(f"\rdecode step {stats['decode_steps']}: {progress}", end="", file=sys.stderr, flush=True)
 
 
 def report(stats, name):
@@ -400,8 +375,9 @@ def report(stats, name):
                   f"preemptions:           {stats['preemptions']}",
                   f"cache manager time:    {stats['manager_seconds']:.4f} s "
                   f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
-    if "peak_gpu_bytes" in stats:
-        lines.append(f"peak GPU memory:       {stats['peak_gpu_bytes'] / 1e9:.3g} GB of the GPU's {stats['gpu_bytes'] / 1e9:.3g} GB")
+    if DEVICE.type == "cuda":  # the most this run held at once: weights, KV pool and a step's tensors
+        lines.append(f"peak GPU memory:       {torch.cuda.max_memory_allocated(DEVICE) / 1e9:.3g} GB of the GPU's "
+                     f"{torch.cuda.mem_get_info(DEVICE)[1] / 1e9:.3g} GB")
     print("\n".join(lines))
 
 
@@ -425,16 +401,12 @@ def main(argv=None):
         kv_cache = make_kv_cache(model, budget_tokens, len(requests), args)
         start = time.perf_counter()
         stats = generate(model, requests, kv_cache, args, stop_ids)
-    except torch.cuda.OutOfMemoryError as e:
-        fail(f"out of GPU memory: {str(e).splitlines()[0]}")
-    except RuntimeError as e:  # flash-attn refusing this GPU, or built for others: one line, as for any bad input
-        if KERNEL != "flash-attn":
+    except RuntimeError as e:  # out of GPU memory, or flash-attn refusing this GPU: one line, as for bad input
+        if KERNEL != "flash-attn" and not isinstance(e, torch.cuda.OutOfMemoryError):
             raise
-        fail(f"flash-attn failed ({str(e).splitlines()[0]}); without it installed, the scripts use attention_torch")
+        fail(f"the run stopped on the GPU: {str(e).splitlines()[0]}")
     if sys.stderr.isatty():
         print(file=sys.stderr)  # after the progress line
-    if DEVICE.type == "cuda":
-        stats.update(peak_gpu_bytes=torch.cuda.max_memory_allocated(DEVICE), gpu_bytes=torch.cuda.mem_get_info(DEVICE)[1])
     stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL, dtype=str(DTYPE)[6:],
                  generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
                  kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])

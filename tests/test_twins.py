@@ -11,7 +11,7 @@ SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
 SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
           "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
           "choose_kernel", "attention", "append_token", "gpu_budget_tokens", "allocate_kv", "batch_inputs",
-          "show_progress", "record_memory", "report"]
+          "record_memory", "report"]
 
 
 def definitions(script):
@@ -39,8 +39,9 @@ def test_shared_parts_are_identical_in_all_three(name):
 def test_the_paged_scripts_read_the_block_table_alike():
     """attention_torch reads its script's cache layout: naive's its rows, the paged scripts' the block table."""
     assert definitions(SCRIPTS[1])["attention_torch"] == definitions(SCRIPTS[2])["attention_torch"]
-    assert "block_table" in definitions(SCRIPTS[1])["attention_torch"].split("):")[1]
-    assert "cache_batch_idx" in definitions(SCRIPTS[0])["attention_torch"].split("):")[1]
+    naive, paged = definitions(SCRIPTS[0])["attention_torch"], definitions(SCRIPTS[1])["attention_torch"]
+    assert "cache_batch_idx.long()" in naive and "block_table" not in naive.split('"""')[-1]
+    assert "block_table.long()" in paged and "cache_batch_idx" not in paged.split('"""')[-1]
 
 
 def test_request_is_identical_in_naive_and_paged():
