@@ -41,7 +41,7 @@ def fail(message):
 
 
 def parse_args(argv):
-    budget = "the GPU's free memory less a step's needs" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    budget = "free GPU memory less a step's needs" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
@@ -83,7 +83,6 @@ def parse_args(argv):
 
 
 # --- Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format ---------------------------------
-
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
 SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
@@ -137,7 +136,6 @@ def load_prompts(path, n, tokenizer):
 
 
 # --- The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU ------------------
-
 def load_model(ckpt_dir):
     ckpt_dir = Path(ckpt_dir)
     try:
@@ -220,12 +218,11 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 
 
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
-    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal). q: (batch,
-    seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into the cache at positions
-    cache_seqlens[b] + 0, 1, ..., seqlen - 1. Returns q's shape. A few rows and queries at a time: at Llama-3-8B's
-    shape it holds at most 270 MB, its output included, whatever the batch, up to 8192 tokens (the tests count it).
-    The cache is a pool, k_cache and v_cache (num_blocks, block_size, n_kv_heads, head_dim), read as flash-attn
-    does through block_table (batch, blocks_per_seq): row b's keys are the tokens of its blocks, in order."""
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
+    seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
+    n_heads, head_dim) attends. A few rows and queries at a time: at Llama-3-8B's shape it holds at most 270 MB,
+    output included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
+    v_cache (num_blocks, block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
     seqlen = q.shape[1]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
     block_size = k_cache.shape[1]
@@ -261,9 +258,8 @@ def attend(q, keys, values, positions):
 
 
 def choose_kernel(flash_attn, capability):
-    """The attention kernel, and the dtype of weights and cache, for a CPU (capability None) or a GPU of compute
-    capability (major, minor): flash-attn where it runs, on Ampere (8.0) or newer with a flash_attn_with_kvcache
-    that takes a block table (2.5 and later); bfloat16 where the GPU has it natively, float16 on a T4 (7.5)."""
+    """Kernel and dtype for a CPU (capability None) or a GPU of compute capability (major, minor): flash-attn 2.5+
+    (its kernel takes a block table) on Ampere (8.0) or newer; bfloat16 where native, float16 before (a T4 is 7.5)."""
     if capability is None:
         return attention_torch, "pytorch", torch.float32
     if flash_attn and capability >= (8, 0) and "block_table" in inspect.signature(flash_attn).parameters:
@@ -276,7 +272,6 @@ attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,  # once; forwa
 
 
 # --- Requests and the KV budget -----------------------------------------------------------------------------------
-
 @dataclass
 class Request:
     id: int                   # position in the prompt list
@@ -300,9 +295,9 @@ def append_token(req, token, stop_ids, max_seq_len):
 
 
 def gpu_budget_tokens(model, max_seq_len, batch):
-    """The default KV budget on a GPU: its free memory with the weights loaded, less the most a step needs beside
-    the pool: a prefill of max_seq_len tokens (a preempted request recomputes all it has), about 3 FFN-wide and 5
-    model-wide vectors a token; attention_torch's chunk; the largest batch's logits; 256 MiB for CUDA's libraries."""
+    """The GPU's free memory with the weights loaded, less the most a step needs beside the pool: a prefill of
+    max_seq_len tokens (a preempted request recomputes all it has), about 3 FFN-wide and 5 model-wide vectors a
+    token; attention_torch's chunk; the largest batch's logits; 256 MiB for CUDA's libraries. In tokens of K and V."""
     dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
     step_bytes = (max_seq_len * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
     step_bytes += 16 * ATTENTION_CHUNK + 2**28
@@ -318,7 +313,6 @@ def allocate_kv(shape):
 
 
 # --- The paged KV cache -------------------------------------------------------------------------------------------
-
 class KVCacheManager:
     """Hands out the blocks of one KV pool as requests grow, and takes them back when they end.
 
@@ -662,7 +656,6 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
 
 
 # --- Shared by the three scripts: batch inputs and the report -----------------------------------------------------
-
 def batch_inputs(batch):
     """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
     tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=DEVICE)
@@ -692,12 +685,12 @@ def report(stats, name):
         f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
         f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
         f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
+        # The original's label. Naive: what the rows reserved and never wrote; paged: the empty ends of last blocks.
         f"Fragmented Memory: {gb(wasted)} ({100 * wasted / max(1, stats['reserved_at_peak_use']):.1f}% of the KV "
         f"reserved when the most tokens were held)"]
     if "block_size" in stats:  # the paged scripts
-        lines += [f"block size:            {stats['block_size']} tokens",
-                  f"blocks:                {stats['num_blocks']} total, "
-                  f"{stats['peak_reserved_tokens'] // stats['block_size']} peak used",
+        lines += [f"blocks:                {stats['num_blocks']} of {stats['block_size']} tokens, "
+                  f"{stats['peak_reserved_tokens'] // stats['block_size']} used at the peak",
                   f"preemptions:           {stats['preemptions']}",
                   f"cache manager time:    {stats['manager_seconds']:.4f} s "
                   f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
@@ -737,7 +730,6 @@ def main(argv=None):
     stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL, dtype=str(DTYPE)[6:],
                  generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
                  kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])
-    stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]
     timeline = {"reserved_tokens": [r for r, _ in stats["timeline"]], "used_tokens": [u for _, u in stats.pop("timeline")]}
     texts = [tokenizer.decode(r.generated_ids[:-1] if r.tokens[-1] in stop_ids else r.generated_ids) for r in requests]
     for req, text in zip(requests, [] if args.quiet else texts):

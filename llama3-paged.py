@@ -3,11 +3,10 @@
 
     python llama3-paged.py 49 --ckpt-dir checkpoints/tiny --ref-lengths   # 49 ShareGPT prompts, same budget
 
-Read it next to llama3-naive.py: `diff` shows the lesson. The naive script reserves max_seq_len tokens of K
-and V for every request before it starts. Most requests finish far sooner, so most of that memory is never
-written, yet no other request can use it. Here the cache is a pool of small fixed-size blocks. A request takes
-a block when its tokens fill the last one, and gives all of them back the moment it finishes, so the memory in
-use follows the tokens actually held and many more requests fit in the same budget.
+Read it next to llama3-naive.py: `diff` shows the lesson. The naive script reserves max_seq_len tokens of K and V
+for every request before it starts; most finish far sooner, yet no other request may use what they never write.
+Here the cache is a pool of small blocks. A request takes one when its tokens fill the last, and gives all back the
+moment it finishes: the memory in use follows the tokens held, and many more requests fit in the same budget.
 """
 import argparse
 import base64
@@ -41,7 +40,7 @@ def fail(message):
 
 
 def parse_args(argv):
-    budget = "the GPU's free memory less a step's needs" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    budget = "free GPU memory less a step's needs" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
@@ -67,7 +66,6 @@ def parse_args(argv):
 
 
 # --- Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format ---------------------------------
-
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
 SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
@@ -121,7 +119,6 @@ def load_prompts(path, n, tokenizer):
 
 
 # --- The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU ------------------
-
 def load_model(ckpt_dir):
     ckpt_dir = Path(ckpt_dir)
     try:
@@ -204,12 +201,11 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 
 
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
-    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal). q: (batch,
-    seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim), written into the cache at positions
-    cache_seqlens[b] + 0, 1, ..., seqlen - 1. Returns q's shape. A few rows and queries at a time: at Llama-3-8B's
-    shape it holds at most 270 MB, its output included, whatever the batch, up to 8192 tokens (the tests count it).
-    The cache is a pool, k_cache and v_cache (num_blocks, block_size, n_kv_heads, head_dim), read as flash-attn
-    does through block_table (batch, blocks_per_seq): row b's keys are the tokens of its blocks, in order."""
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
+    seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
+    n_heads, head_dim) attends. A few rows and queries at a time: at Llama-3-8B's shape it holds at most 270 MB,
+    output included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
+    v_cache (num_blocks, block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
     seqlen = q.shape[1]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
     block_size = k_cache.shape[1]
@@ -245,9 +241,8 @@ def attend(q, keys, values, positions):
 
 
 def choose_kernel(flash_attn, capability):
-    """The attention kernel, and the dtype of weights and cache, for a CPU (capability None) or a GPU of compute
-    capability (major, minor): flash-attn where it runs, on Ampere (8.0) or newer with a flash_attn_with_kvcache
-    that takes a block table (2.5 and later); bfloat16 where the GPU has it natively, float16 on a T4 (7.5)."""
+    """Kernel and dtype for a CPU (capability None) or a GPU of compute capability (major, minor): flash-attn 2.5+
+    (its kernel takes a block table) on Ampere (8.0) or newer; bfloat16 where native, float16 before (a T4 is 7.5)."""
     if capability is None:
         return attention_torch, "pytorch", torch.float32
     if flash_attn and capability >= (8, 0) and "block_table" in inspect.signature(flash_attn).parameters:
@@ -260,7 +255,6 @@ attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,  # once; forwa
 
 
 # --- Requests and the KV budget -----------------------------------------------------------------------------------
-
 @dataclass
 class Request:
     id: int                   # position in the prompt list
@@ -282,9 +276,9 @@ def append_token(req, token, stop_ids, max_seq_len):
 
 
 def gpu_budget_tokens(model, max_seq_len, batch):
-    """The default KV budget on a GPU: its free memory with the weights loaded, less the most a step needs beside
-    the pool: a prefill of max_seq_len tokens (a preempted request recomputes all it has), about 3 FFN-wide and 5
-    model-wide vectors a token; attention_torch's chunk; the largest batch's logits; 256 MiB for CUDA's libraries."""
+    """The GPU's free memory with the weights loaded, less the most a step needs beside the pool: a prefill of
+    max_seq_len tokens (a preempted request recomputes all it has), about 3 FFN-wide and 5 model-wide vectors a
+    token; attention_torch's chunk; the largest batch's logits; 256 MiB for CUDA's libraries. In tokens of K and V."""
     dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
     step_bytes = (max_seq_len * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
     step_bytes += 16 * ATTENTION_CHUNK + 2**28
@@ -300,15 +294,14 @@ def allocate_kv(shape):
 
 
 # --- The paged KV cache -------------------------------------------------------------------------------------------
-
 class KVCacheManager:
     """Hands out the blocks of one KV pool as requests grow, and takes them back when they end.
 
     One manager serves all layers: block b holds block_size tokens of K and V in every layer, so a request's
     blocks are the same in layer 0 and layer 31. Row r of block_table lists request r's blocks in order: its
-    token t lives in block block_table[r, t // block_size], at offset t % block_size. flash-attn reads that
-    table directly.
-    """
+    token t lives in block block_table[r, t // block_size], at offset t % block_size. flash-attn reads that table
+    directly. Entries past a request's last block hold 0, or blocks it gave back that others may hold now: the
+    kernel never reads them, since it stops at the request's cache_seqlens plus its new tokens."""
 
     def __init__(self, num_blocks, block_size, num_requests, max_blocks_per_request, device):
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -317,9 +310,7 @@ class KVCacheManager:
         # (num_requests, max_blocks_per_request) int32, where the kernel reads it. It lives from step to step: a
         # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
         self.block_table = torch.zeros(num_requests, max_blocks_per_request, dtype=torch.int32, device=device)
-        # (row, column) -> block, written at the next block_tables(). A dict keeps one entry per slot, the latest: where
-        # an indexed write repeats an index, a GPU may keep any of the values, not the last.
-        self.new_entries = {}
+        self.new_entries = {}  # (row, column) -> block, for block_tables() to write: one entry per slot, the latest
 
     def blocks_for(self, num_tokens):
         return -(-num_tokens // self.block_size)  # ceil(num_tokens / block_size)
@@ -334,8 +325,7 @@ class KVCacheManager:
             self.append_block(req_id)
         return req_id
 
-    def needs_block(self, req_id, num_tokens):
-        """Does a request that holds num_tokens tokens need one more block than it has?"""
+    def needs_block(self, req_id, num_tokens):  # does a request of num_tokens tokens need one more block than it has?
         return num_tokens > len(self.blocks[req_id]) * self.block_size
 
     def append_block(self, req_id):
@@ -349,7 +339,8 @@ class KVCacheManager:
 
     def block_tables(self, rows, width):
         """The tables of a batch, read from block_table: (batch, width) int32, rows (batch,) in batch order."""
-        if self.new_entries:  # one write for the blocks handed out since the last call, one entry per (row, column)
+        if self.new_entries:  # one write for all the blocks handed out since the last call (with no index twice:
+            # where an indexed write repeats an index, a GPU may keep any of the values, not the last)
             row, column = zip(*self.new_entries)
             block = list(self.new_entries.values())
             self.block_table[row, column] = torch.tensor(block, dtype=torch.int32, device=self.block_table.device)
@@ -364,8 +355,7 @@ def make_kv_cache(model, budget_tokens, num_requests, args):
     if KERNEL == "flash-attn" and args.block_size % 256:  # it reads keys in tiles of 256, each from a single block
         fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
     max_blocks_per_request = -(-args.max_seq_len // args.block_size)
-    # No more blocks than all the requests could ever hold (with the tiny checkpoint, a GPU's budget is the whole card).
-    num_blocks = min(budget_tokens // args.block_size, num_requests * max_blocks_per_request)
+    num_blocks = min(budget_tokens // args.block_size, num_requests * max_blocks_per_request)  # no more than all can use
     kv_cache = allocate_kv((len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"]))
     return kv_cache, KVCacheManager(num_blocks, args.block_size, num_requests, max_blocks_per_request, DEVICE)
 
@@ -378,8 +368,9 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
     running = []               # in the order they were admitted: the newest is preempted first
     while waiting or running:
         start = time.perf_counter()
-        # 1. Grow: a request whose newest token starts a new block gets one. While too few blocks are free, the
-        #    newest request is preempted: it gives its blocks back and waits, to be recomputed from its tokens.
+        # 1. Grow: a request whose newest token starts a new block gets one now, since this step's decode writes that
+        #    token's K and V. While too few blocks are free, the newest request is preempted: it gives its blocks back
+        #    and waits, to be recomputed from its tokens.
         growing = [r for r in running if manager.needs_block(r.id, len(r.tokens))]
         preempted = len(growing) > len(manager.free_blocks)
         while len(growing) > len(manager.free_blocks):
@@ -391,8 +382,8 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
             stats["preemptions"] += 1
         for req in growing:
             manager.append_block(req.id)
-        # 2. Admit waiting requests, first come first served, while their tokens and the one this step's decode
-        #    writes fit; but not right after a preemption, which would only take back the blocks just freed.
+        # 2. Admit waiting requests, first come first served, while their tokens fit with the one this step's decode
+        #    writes (+ 1, step 1's rule); not right after a preemption, which would take back the blocks just freed.
         admitted = []
         while waiting and not preempted and manager.can_allocate(len(waiting[0].tokens) + 1):
             req = waiting.popleft()
@@ -439,7 +430,6 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
     return stats | {"block_size": manager.block_size, "num_blocks": manager.num_blocks}
 
 # --- Shared by the three scripts: batch inputs and the report -----------------------------------------------------
-
 def batch_inputs(batch):
     """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
     tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=DEVICE)
@@ -469,12 +459,12 @@ def report(stats, name):
         f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
         f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
         f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
+        # The original's label. Naive: what the rows reserved and never wrote; paged: the empty ends of last blocks.
         f"Fragmented Memory: {gb(wasted)} ({100 * wasted / max(1, stats['reserved_at_peak_use']):.1f}% of the KV "
         f"reserved when the most tokens were held)"]
     if "block_size" in stats:  # the paged scripts
-        lines += [f"block size:            {stats['block_size']} tokens",
-                  f"blocks:                {stats['num_blocks']} total, "
-                  f"{stats['peak_reserved_tokens'] // stats['block_size']} peak used",
+        lines += [f"blocks:                {stats['num_blocks']} of {stats['block_size']} tokens, "
+                  f"{stats['peak_reserved_tokens'] // stats['block_size']} used at the peak",
                   f"preemptions:           {stats['preemptions']}",
                   f"cache manager time:    {stats['manager_seconds']:.4f} s "
                   f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
@@ -513,7 +503,6 @@ def main(argv=None):
     stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL, dtype=str(DTYPE)[6:],
                  generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
                  kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])
-    stats["fragmented_bytes"] = (stats["reserved_at_peak_use"] - stats["peak_used_tokens"]) * stats["kv_bytes_per_token"]
     timeline = {"reserved_tokens": [r for r, _ in stats["timeline"]], "used_tokens": [u for _, u in stats.pop("timeline")]}
     texts = [tokenizer.decode(r.generated_ids[:-1] if r.tokens[-1] in stop_ids else r.generated_ids) for r in requests]
     for req, text in zip(requests, [] if args.quiet else texts):

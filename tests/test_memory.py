@@ -47,8 +47,8 @@ def expected_figures(timeline, bytes_per_token):
     peak = max(range(len(timeline)), key=lambda t: (timeline[t][1], -t))  # the first step of the most tokens held
     reserved, held = timeline[peak]
     return {"decode_steps": len(timeline), "peak_reserved_tokens": max(r for r, _ in timeline),
-            "peak_used_tokens": held, "reserved_at_peak_use": reserved,
-            "fragmented_bytes": (reserved - held) * bytes_per_token}
+            "peak_used_tokens": held, "reserved_at_peak_use": reserved,  # fragmented: the difference of these two
+            "kv_bytes_per_token": bytes_per_token}
 
 
 def check(data, timeline, bytes_per_token):
