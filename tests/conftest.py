@@ -24,8 +24,8 @@ def pin_cpu_path(monkeypatch, *modules):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--script", metavar="PATH", help="grade this copy of llama3-paged.py in tests/test_exercise.py "
-                     "(yours, from python tools/exercise.py) instead of llama3-paged.py; relative to the current directory")
+    parser.addoption("--script", metavar="PATH", help="tests/test_exercise.py grades this copy of llama3-paged.py "
+                     "(yours, from python tools/exercise.py) instead; relative to the current directory")
 
 
 def pytest_configure(config):

@@ -114,7 +114,8 @@ def test_the_holes_follow_llama3_paged_as_it_changes():
     moved = "import os  # new\n" + moved
     assert moved.count("# take the oldest") == 1 and moved.count("a new statement") == 1
     text = exercise.exercise_source(moved, "mine.py")
-    assert text.count("raise NotImplementedError(") == 9 and "self.free_blocks.popleft" not in text and "take the oldest" not in text
+    assert text.count("raise NotImplementedError(") == 9
+    assert "self.free_blocks.popleft" not in text and "take the oldest" not in text
     assert "pass  # a new statement before step 5" in text and "# a new comment" in text
 
 

@@ -117,8 +117,8 @@ def method_holes(tree, lines):
                 fail(f"{SOURCE.name}: KVCacheManager.{name} has only a docstring")
             first = body[0].end_lineno + 1
         else:  # the hole starts after the def line(s): just above the first statement, or its comments
-            header = [method.args, method.returns] if method.returns else [method.args]
-            header_end = max([method.lineno] + [n.end_lineno for h in header for n in ast.walk(h) if hasattr(n, "end_lineno")])
+            header = [node for part in (method.args, method.returns) if part for node in ast.walk(part)]
+            header_end = max([method.lineno] + [node.end_lineno for node in header if hasattr(node, "end_lineno")])
             first = body[0].lineno
             while first - 1 > header_end and lines[first - 2].lstrip().startswith("#"):
                 first -= 1
