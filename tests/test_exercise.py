@@ -24,6 +24,7 @@ import sys
 import traceback
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,18 @@ def count(n, thing):
     return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
+@contextmanager
+def asked_about_a_request_gone():
+    """A KeyError for a request id in the manager, explained: the loop asked about a request holding no blocks."""
+    try:
+        yield
+    except KeyError as e:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise AssertionError(f"KeyError {e} in {where.name}: the manager was asked about request {e}, which holds no "
+                             f"blocks. A request that has finished or been preempted has given its blocks back: it "
+                             f"must leave running, and not grow") from e
+
+
 def new_manager(learner, num_blocks, block_size, num_requests=3, max_blocks_per_request=8):
     return learner.KVCacheManager(num_blocks, block_size, num_requests, max_blocks_per_request, "cpu")
 
@@ -90,9 +103,8 @@ def test_blocks_for_rounds_up_to_whole_blocks(learner):
         manager = new_manager(learner, 8, block_size)
         for n in range(1, 3 * block_size + 2):
             want, got = math.ceil(n / block_size), manager.blocks_for(n)
-            assert got == want, (f"with blocks of {count(block_size, 'token')}, {count(n, 'token')} take "
-                                 f"{count(want, 'block')} ({n} / {block_size}, rounded up), but blocks_for({n}) "
-                                 f"returned {got}")
+            assert got == want, (f"with blocks of {count(block_size, 'token')}, blocks_for({n}) should be {want} "
+                                 f"({n} / {block_size}, rounded up), got {got}")
 
 
 @graded
@@ -103,8 +115,9 @@ def test_can_allocate_only_when_enough_blocks_are_free(learner):
         free = len(manager.free_blocks)
         for n in range(1, 4 * free + 6):
             want, got = math.ceil(n / 4) <= free, manager.can_allocate(n)
-            assert got == want, (f"{count(free, 'block')} of 4 tokens free, and {count(n, 'token')} take "
-                                 f"{count(math.ceil(n / 4), 'block')}: can_allocate({n}) should be {want}, got {got}")
+            assert got == want, (f"with {count(free, 'block')} of 4 tokens free, can_allocate({n}) should be {want}: "
+                                 f"a request of {count(n, 'token')} needs {count(math.ceil(n / 4), 'block')}; "
+                                 f"got {got}")
             assert len(manager.free_blocks) == free, f"can_allocate({n}) only asks; it must not take or give blocks"
 
 
@@ -228,6 +241,7 @@ def check_pool(manager):
     holders = {}
     for req_id, blocks in manager.blocks.items():
         for block in blocks:
+            assert holders.get(block) != req_id, f"request {req_id} holds block {block} twice"
             assert block not in holders, (f"block {block} is held by requests {holders[block]} and {req_id}: a "
                                           f"block belongs to one request at a time")
             holders[block] = req_id
@@ -237,8 +251,8 @@ def check_pool(manager):
     both = {b: holders[b] for b in free if b in holders}
     assert not both, f"blocks free and held at once (block: holder): {both}"
     lost = manager.num_blocks - len(free) - len(holders)
-    assert lost == 0, f"{lost} blocks are neither free nor held by any request: every block a request lets go of " \
-                      f"must go back to free_blocks"
+    assert lost == 0, (f"{count(lost, 'block')} neither free nor held by any request: every block a request lets "
+                       f"go of must go back to free_blocks")
 
 
 def run_loop(learner, spec, block_size, num_blocks, max_seq_len, monkeypatch):
@@ -258,9 +272,12 @@ def run_loop(learner, spec, block_size, num_blocks, max_seq_len, monkeypatch):
     pin_cpu_path(monkeypatch, learner)
     monkeypatch.setattr(learner, "forward", watching_forward)
     requests = [learner.Request(i, list(p), g, list(p)) for i, (p, g) in enumerate(spec)]
-    stats = learner.generate(None, requests, toy_model(num_blocks, block_size), manager, args, set())
+    with asked_about_a_request_gone():
+        stats = learner.generate(None, requests, toy_model(num_blocks, block_size), manager, args, set())
     for req, (prompt, g) in zip(requests, spec):
-        assert req.done and len(req.tokens) == min(len(prompt) + g, max_seq_len), \
+        assert req.done, (f"request {req.id} never finished: it has {len(req.tokens)} of its {len(prompt)} + {g} "
+                          f"tokens. Every request must end; one preempted waits at the head of waiting")
+        assert len(req.tokens) == min(len(prompt) + g, max_seq_len), \
             f"request {req.id} should end with {len(prompt)} + {g} tokens, it has {len(req.tokens)}"
         problem = check_tokens(prompt, req.tokens)
         assert problem is None, (f"request {req.id}: {problem}. Its cache held something other than its own tokens: "
@@ -344,8 +361,9 @@ NAIVE_TOKENS = {}
 
 def run_main(module, ckpt, tmp_path, *options):
     out = tmp_path / f"{module.__name__}.json"
-    module.main([str(N), "--ckpt-dir", str(ckpt), "--prompts", str(PROMPTS), "--ref-lengths", "--max-seq-len",
-                 str(MAX_SEQ_LEN), "--quiet", "--json", str(out), *options])
+    with asked_about_a_request_gone():
+        module.main([str(N), "--ckpt-dir", str(ckpt), "--prompts", str(PROMPTS), "--ref-lengths", "--max-seq-len",
+                     str(MAX_SEQ_LEN), "--quiet", "--json", str(out), *options])
     data = json.loads(out.read_text())
     return [r["generated_ids"] for r in data["requests"]], data["stats"]
 
