@@ -39,7 +39,7 @@ METHOD_HINTS = {
                     "columns for the given rows, in their order",
 }
 # The loop's steps: the comment that starts each, the comment that ends it (None: the end of the loop), its hint,
-# and the names the hint tells the learner to set (checked against the script, so the hint stays true).
+# and the names the hint mentions (each must be in the step's code, so that the hint stays true).
 STEPS = [
     ("# 1. Grow", "# 2. Admit", "step 1, grow: every running request that needs_block gets append_block; while "
      "too few blocks are free, preempt the newest running request (free it, put it back at the head of waiting, "
