@@ -200,7 +200,7 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
     """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
     seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
-    n_heads, head_dim) attends. A few rows and queries at a time: at Llama-3-8B's shape it holds at most 270 MB,
+    n_heads, head_dim) attends. A few rows and queries at a time: at Llama-3-8B's shape it holds under 300 MB,
     output included, whatever the batch, up to 8192 tokens (the tests count it). The cache is rows, k_cache and
     v_cache (cache_batch, max_seq_len, n_kv_heads, head_dim): row b's keys start row cache_batch_idx[b]."""
     seqlen = q.shape[1]

@@ -214,3 +214,41 @@ def test_reference_mask_is_bottom_right_aligned():
     # query i sees keys 0..cached+i: means of 0..2, 0..3, 0..4
     assert causal.tolist() == [1.0, 1.5, 2.0]
     assert full.tolist() == [2.0, 2.0, 2.0]
+
+
+# --- Chunks, and the memory they bound ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 200, 5000], ids=["one row and one query at a time", "a few", "many"])
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_chunks_of_rows_and_queries_change_nothing(layout, chunk, monkeypatch):
+    """The result, and what is written to the cache, are the same whatever the chunk size: from one row and one
+    query at a time (ATTENTION_CHUNK 1) to the whole call at once."""
+    monkeypatch.setattr(naive if layout == "contiguous" else paged, "ATTENTION_CHUNK", chunk)
+    for seed, (cache_seqlens, seqlen_q) in enumerate([([0, 7, 33, 16, 2], 1), ([16, 10, 1], 17), ([0], 30)]):
+        if layout == "paged":
+            check(paged_case(seed, cache_seqlens, seqlen_q, 8, 2, block_size=5))
+        else:
+            check(contiguous_case(seed, cache_seqlens, seqlen_q, 8, 2))
+
+
+@pytest.fixture(scope="module")
+def llama3_8b_calls():
+    """tools/attention_memory.py's four calls at Llama-3-8B's shape: the widest decode step of a replay of
+    llama3-paged.py at the README's largest batch, an 8,192-token prefill, and naive's two (7 rows of 8,192)."""
+    import attention_memory
+    return attention_memory.cases()
+
+
+@pytest.mark.parametrize("call", ["paged decode", "paged prefill", "naive decode", "naive prefill"])
+def test_memory_of_one_call_is_bounded_at_llama3_8b_shape(call, llama3_8b_calls, monkeypatch):
+    """The most attention_torch holds at once, its output included, counted as on a GPU: under the 300 MB its
+    docstring states, whatever the batch. (The version before chunking held 19.6 GB at the paged decode step, and
+    18 GB for the prefill, with the math kernel CUDA picks for a masked grouped-query call.)"""
+    import attention_memory
+    layout, arguments = llama3_8b_calls[call]
+    if call == "paged decode":  # the step the README's batch makes widest: 301 rows, tables 66 blocks of 16 wide
+        assert tuple(arguments["block_table"].shape) == (301, 66)
+    module = paged if layout == "paged" else naive
+    assert "under 300 MB" in module.attention_torch.__doc__
+    peak = attention_memory.peak_bytes(module.attention_torch, arguments)
+    assert peak < 300e6, f"{call}: {peak / 1e6:.0f} MB"
