@@ -271,11 +271,11 @@ def append_token(req, token, stop_ids, max_seq_len):
 
 
 def gpu_budget_tokens(model, max_seq_len, batch):
-    """The GPU's free memory with the weights loaded, less the most a step needs beside the pool: a prefill of
-    max_seq_len tokens (a preempted request recomputes all it has), about 3 FFN-wide and 5 model-wide vectors a
-    token; attention_torch's chunk; the largest batch's logits; 256 MiB for CUDA's libraries. In tokens of K and V."""
+    """The GPU's free memory with the weights loaded, less the most a step needs beside the pool: for a prefill of
+    max_seq_len tokens (a preempted request recomputes all it has) or a decode of the whole batch, about 3 FFN-wide and
+    5 model-wide vectors a token; attention_torch's chunk; the batch's logits; 256 MiB for CUDA's own libraries."""
     dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
-    step_bytes = (max_seq_len * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
+    step_bytes = (max(max_seq_len, batch) * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
     step_bytes += 16 * ATTENTION_CHUNK + 2**28
     return max(0, torch.cuda.mem_get_info(DEVICE)[0] - step_bytes) // model["kv_bytes_per_token"]
 
