@@ -189,7 +189,7 @@ def test_random_sharing_workloads_share_copy_swap_and_preempt():
     assert min(runs.values()) >= 5 and runs["preemptions"] >= 20 and len(runs) == 5, runs
 
 
-@pytest.mark.parametrize("script, seed", [("paged", seed) for seed in range(30)] + [("sharing", seed) for seed in range(60)])
+@pytest.mark.parametrize("script, seed", [("paged", s) for s in range(30)] + [("sharing", s) for s in range(60)])
 def test_tokens_do_not_depend_on_which_value_a_repeated_table_entry_keeps(script, seed, monkeypatch):
     """The random workloads above, run again with every block-table write that names a (row, column) twice keeping
     its first value, as a GPU may, instead of its last, as the CPU does: every request's tokens must be the same."""
@@ -198,10 +198,10 @@ def test_tokens_do_not_depend_on_which_value_a_repeated_table_entry_keeps(script
         module, spec, options = paged, random_workload(rng, max_seq_len), []
     else:
         module, (_, spec, block_size, num_blocks, max_seq_len, options) = sharing, sharing_case(seed)
+    case = (module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
     if (script, seed) not in TOKENS:  # run alone, or the run above failed
-        requests, _ = run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options, writes="last wins")
-        TOKENS[script, seed] = [r.tokens for r in requests]
-    requests, _ = run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options, writes="first wins")
+        TOKENS[script, seed] = [r.tokens for r in run_paged(*case, writes="last wins")[0]]
+    requests, _ = run_paged(*case, writes="first wins")
     for req, last_wins in zip(requests, TOKENS[script, seed]):
         assert req.tokens == last_wins, f"request {req.id}'s tokens depend on which value a table write keeps"
 
@@ -249,6 +249,25 @@ def test_the_newest_request_is_preempted_first(monkeypatch):
     requests, stats = run_paged(paged, spec, 4, 6, 64, monkeypatch)
     assert stats["preemptions"] == 1
     assert freed[0] == (2, [0, 1, 2]), "the first request to let go must be C, the newest, while all three held blocks"
+    assert all(check_tokens(p, r.tokens) is None for (p, _), r in zip(spec, requests))
+
+
+@pytest.mark.parametrize("script, options", [("paged", []), ("sharing", []), ("sharing", ["--preempt", "swap"])])
+def test_a_preempted_request_goes_back_to_the_head_of_the_queue(script, options, monkeypatch):
+    """As in the test above, plus D, which waits from the start: C, preempted, waits before D, so C is admitted
+    again first, when A finishes, and D after it."""
+    module = {"paged": paged, "sharing": sharing}[script]
+    spec = [([1, 2, 3, 4, 5], 6), ([6, 7, 8, 9, 10], 7), ([11, 12, 13, 14, 15], 9), ([16, 17, 18, 19, 20], 3)]
+    admitted, allocate = [], module.KVCacheManager.allocate
+
+    def admit(self, req_id, *rest):
+        admitted.append(req_id)
+        return allocate(self, req_id, *rest)
+
+    monkeypatch.setattr(module.KVCacheManager, "allocate", admit)
+    requests, stats = run_paged(module, spec, 4, 6, 64, monkeypatch, options)
+    assert stats["preemptions"] == 1
+    assert admitted == [0, 1, 2, 2, 3], "C, preempted, must be admitted again before D, which waited behind it"
     assert all(check_tokens(p, r.tokens) is None for (p, _), r in zip(spec, requests))
 
 
