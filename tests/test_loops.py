@@ -48,7 +48,7 @@ def check_manager(manager, sharing_blocks):
     assert len(free) + len(held) == manager.num_blocks, "a block was lost: neither free nor held"
     if sharing_blocks:
         assert manager.ref_count == [held[b] for b in range(manager.num_blocks)], "ref_count is not the holders"
-        assert manager.shared == sum(n - 1 for n in held.values())
+        assert manager.saved_blocks == sum(n - 1 for n in held.values())
     else:
         assert max(held.values(), default=1) == 1, "a block is held by two requests"
 

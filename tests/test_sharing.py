@@ -243,7 +243,7 @@ def test_beam_search_matches_a_search_that_recomputes_every_beam(model, prompts,
     # The beams shared their blocks (the prompt's, and each other's history) and copied on write.
     assert stats["shared_blocks_peak"] > 0 and stats["cow_copies"] > 0
     assert stats["peak_reserved_tokens"] < stats["peak_unshared_tokens"]
-    assert sorted(manager.free_blocks) == list(range(manager.num_blocks)) and manager.shared == 0
+    assert sorted(manager.free_blocks) == list(range(manager.num_blocks)) and manager.saved_blocks == 0
 
 
 def test_beam_search_under_preemption_starts_over_and_gives_the_same_answer(model, prompts):
@@ -339,26 +339,28 @@ def test_fork_copy_on_write_and_ref_counts():
     full, partial = m.blocks["p"]
     m.fork("p", "a")
     m.fork("p", "b")
-    assert m.ref_count[full] == m.ref_count[partial] == 3 and m.shared == 4 and len(m.free_blocks) == 6
-    assert all(m.needs_block(r, 7) for r in "pab")
-    for r in "pab":
-        m.append_block(r, 7)
+    assert m.ref_count[full] == m.ref_count[partial] == 3 and m.saved_blocks == 4 and len(m.free_blocks) == 6
+    assert not any(m.needs_block(r, 7) for r in "pab") and all(m.needs_copy(r, 7) for r in "pab")
+    for r in "pab":  # as the loop's grow step does, oldest first
+        if m.needs_copy(r, 7):
+            m.copy_on_write(r)
     copies = dict(m.copies)
     assert list(copies.values()) == [partial, partial] and partial not in copies
     assert m.blocks["p"] == [full, list(copies)[0]] and m.blocks["a"] == [full, list(copies)[1]]
     assert m.blocks["b"] == [full, partial]
-    assert m.ref_count[full] == 3 and m.ref_count[partial] == 1 and m.shared == 2
+    assert m.ref_count[full] == 3 and m.ref_count[partial] == 1 and m.saved_blocks == 2
     assert m.block_tables(torch.tensor([m.rows[r] for r in "pab"]), 2).tolist() == [m.blocks[r] for r in "pab"]
     m.free("p")  # the root finishes: its copy goes back, the full block stays with the forks
-    assert m.blocks.keys() == {"a", "b"} and m.ref_count[full] == 2 and m.shared == 1 and len(m.free_blocks) == 5
+    assert m.blocks.keys() == {"a", "b"} and m.ref_count[full] == 2 and m.saved_blocks == 1 and len(m.free_blocks) == 5
     assert not any(m.needs_block(r, 8) for r in "ab")  # token 8 fills the second block
     assert all(m.needs_block(r, 9) for r in "ab")      # token 9 starts a third: nothing to copy
+    assert not any(m.needs_copy(r, n) for r in "ab" for n in (8, 9))
     m.copies.clear()
     for r in "ab":
-        m.append_block(r, 9)
+        m.append_block(r)
     assert not m.copies and len(m.blocks["a"]) == len(m.blocks["b"]) == 3
     m.free("a")
-    assert m.ref_count[full] == 1 and m.shared == 0
+    assert m.ref_count[full] == 1 and m.saved_blocks == 0
     m.free("b")
     assert sorted(m.free_blocks) == list(range(8)) and m.ref_count == [0] * 8 and sorted(m.free_rows) == list(range(24))
 
@@ -370,10 +372,10 @@ def test_fork_at_a_block_boundary_shares_only_full_blocks():
     m.allocate("p", 8)
     m.fork("p", "c")
     for r in "pc":
-        assert m.needs_block(r, 9)
-        m.append_block(r, 9)
+        assert m.needs_block(r, 9) and not m.needs_copy(r, 9)
+        m.append_block(r)
     assert not m.copies and m.blocks["p"][:2] == m.blocks["c"][:2] and m.blocks["p"][2] != m.blocks["c"][2]
-    assert m.shared == 2
+    assert m.saved_blocks == 2
 
 
 def test_prefix_sharing_reuses_full_blocks_only():
@@ -393,12 +395,12 @@ def test_prefix_sharing_reuses_full_blocks_only():
     free_before = len(m.free_blocks)
     m.allocate("b", 12, system + [11, 12])  # 3 blocks, 2 of them shared
     assert m.blocks["b"][:2] == a[:2] and free_before - len(m.free_blocks) == 1
-    assert [m.ref_count[x] for x in a] == [2, 2, 1] and m.shared == 2
+    assert [m.ref_count[x] for x in a] == [2, 2, 1] and m.saved_blocks == 2
     m.free("a")
     assert a[2] in m.free_blocks and a[0] not in m.free_blocks and m.cached_tokens(system + [10]) == 8
     m.free("b")
     assert m.cached_tokens(system + [10]) == 0 and not m.prefix and not m.prefix_key
-    assert sorted(m.free_blocks) == list(range(10)) and m.shared == 0
+    assert sorted(m.free_blocks) == list(range(10)) and m.saved_blocks == 0
 
 
 def test_no_prefix_sharing_without_the_option():
