@@ -473,6 +473,7 @@ def pick_tokens(logits, batch, args):
         # which rounding leaves a little off 1). A token of probability 0 adds nothing, so it is never the first.
         u = torch.tensor(uniform[i:i + SAMPLE_ROWS], device=cdf.device)[:, None] * cdf[:, -1:]  # (rows, 1)
         tokens += torch.searchsorted(cdf, u).squeeze(1).tolist()
+        del cdf  # before the next rows' temporaries are made
     return tokens
 
 

@@ -14,6 +14,9 @@ kernel whose choice depends on the device.
 
 skip_matmuls=True makes matrix products allocate their output without computing it (the values are garbage), so
 that a product of Llama-3-8B's size counts in milliseconds: for a test of memory, not of values.
+
+device="meta" (say) counts only the storages on that device type: the others are neither counted nor held
+against the peak.
 """
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -29,9 +32,9 @@ def _storages(values):
 
 
 class MemoryTally(TorchDispatchMode):
-    def __init__(self, skip_matmuls=False):
+    def __init__(self, skip_matmuls=False, device=None):
         super().__init__()
-        self.skip_matmuls = skip_matmuls
+        self.skip_matmuls, self.device = skip_matmuls, device
         self.live = {}  # storage address -> (weak reference, bytes)
         self.outside = {}  # storage address -> weak reference, for storages made before the block
         self.peak = 0
@@ -54,7 +57,7 @@ class MemoryTally(TorchDispatchMode):
         self.outside = {key: ref for key, ref in self.outside.items() if not ref.expired()}
         for storage in _storages(out):
             key = storage._cdata
-            if key not in self.live and key not in self.outside:
+            if key not in self.live and key not in self.outside and self.device in (None, storage.device.type):
                 self.live[key] = (StorageWeakRef(storage), storage.nbytes())
         self.peak = max(self.peak, sum(size for _, size in self.live.values()))
         return out

@@ -4,7 +4,9 @@ End-to-end runs on the tiny random checkpoint check that sharing changes no toke
 runs of generate() check the cache itself against from-scratch recomputes: each sample's K and V after the
 samples diverge, the K and V a swapped-out request gets back, prefix blocks found after different blocks, and
 beam search against a plain one that recomputes every beam with a fresh cache. The manager's reference counts,
-copy-on-write and prefix lookup are also checked step by step on small cases worked out by hand.
+copy-on-write and prefix lookup are also checked step by step on small cases worked out by hand. Last, the memory
+that copy-on-write, swap and sampling take for a while, counted as on a GPU at Llama-3-8B's shape, and what
+sampling draws, against the probabilities.
 """
 import json
 import re
@@ -14,6 +16,7 @@ import torch
 
 from conftest import cpu_path_only, pin_cpu_path, run_script
 from load_scripts import load_script
+from memory_tally import MemoryTally
 
 sharing = load_script("sharing")
 N = 3
@@ -261,6 +264,16 @@ def test_beam_search_under_preemption_starts_over_and_gives_the_same_answer(mode
         run_generate(model, requests, args, budget_tokens=32)  # 8 blocks: one prompt's beams don't fit
 
 
+def test_a_samples_group_that_can_never_fit_gets_one_line_with_the_blocks_it_needs(model):
+    """A --samples group's first request is admitted with room for its prompt alone (its forks decode from the
+    next step on): 48 tokens at block 16 need 3 blocks, not the 4 that 49 tokens would, and a budget of 2 never
+    holds them."""
+    args = sharing.parse_args(["1", "--samples", "2", "--temperature", "1", "--block-size", "16"])
+    requests = sharing.with_samples([sharing.Request(0, list(range(48)), 5, list(range(48)))], 2)
+    with pytest.raises(SystemExit, match="cannot hold request 0, which needs 3$"):
+        run_generate(model, requests, args, budget_tokens=32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Swap and prefix sharing, in process.
 
@@ -409,3 +422,111 @@ def test_no_prefix_sharing_without_the_option():
     assert m.cached_tokens(list(range(12))) == 0
     m.allocate("b", 13, list(range(12)))
     assert not set(m.blocks["a"]) & set(m.blocks["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient memory at Llama-3-8B's shape, counted as on a GPU (tests/memory_tally.py), and sampling's odds.
+
+LLAMA3_8B = {"layers": [None] * 32, "n_kv_heads": 8, "head_dim": 128}  # what make_kv_cache reads of a model
+BLOCK_BYTES = 32 * 256 * 8 * 128 * 2  # K (or V) of one 256-token block in all 32 layers, in bf16: 16 MiB
+
+
+class GPUOnMeta(MemoryTally):
+    """The meta device stands for a GPU: tensors there take no memory, whatever their size, and only they are
+    counted. Copies between it and the CPU (the host) move no data; as CUDA's copy_ does, a copy whose side on the
+    device is not contiguous goes through a contiguous temporary of that side, counted while the copy runs."""
+
+    def __init__(self):
+        super().__init__(device="meta")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default and {args[0].device.type, args[1].device.type} == {"meta", "cpu"}:
+            on_device = args[0] if args[0].device.type == "meta" else args[1]
+            temporary = 0 if on_device.is_contiguous() else on_device.numel() * on_device.element_size()
+            held = sum(size for ref, size in self.live.values() if not ref.expired())
+            self.peak = max(self.peak, held + temporary)
+            return args[0]
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "meta" and kwargs.get("device") == \
+                torch.device("cpu"):  # .cpu(): an empty host tensor of the same shape
+            return super().__torch_dispatch__(fake_copy_to_host, types, args, kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def fake_copy_to_host(tensor, dtype=None, **_):
+    return torch.empty(tensor.shape, dtype=dtype or tensor.dtype)
+
+
+def stand_in_forward(model, tokens, *rest, **kwargs):
+    return torch.zeros(tokens.shape[0], 8)  # logits over 8 tokens, on the host; reads and writes no cache
+
+
+def generate_at_8b_shape(monkeypatch, prompts, ref_length, budget_tokens, options):
+    """generate() with Llama-3-8B's KV cache at block 256 in bf16, on the meta device, and a stand-in for the
+    model. Returns its stats and the most bytes its own tensors held at once on the device."""
+    for name, value in (("DEVICE", torch.device("meta")), ("DTYPE", torch.bfloat16), ("forward", stand_in_forward)):
+        monkeypatch.setattr(sharing, name, value)
+    args = sharing.parse_args(["1", "--block-size", "256", *options])
+    requests = [sharing.Request(i, p, ref_length, list(p)) for i, p in enumerate(prompts)]
+    kv_cache, manager = sharing.make_kv_cache(LLAMA3_8B, budget_tokens, len(requests), args)
+    requests = sharing.with_samples(requests, args.samples)
+    with GPUOnMeta() as tally:
+        stats = sharing.generate(None, requests, kv_cache, manager, args, set())
+    assert all(r.done for r in requests)
+    return stats, tally.peak
+
+
+def test_copy_on_write_takes_no_device_memory_however_many_copies(monkeypatch):
+    """8 prompts of 37 tokens with --samples 4: the first decode step copies 24 blocks (3 per prompt), 384 MiB of
+    K if they were gathered at once. Each copy is one block into another, in place: nothing is allocated for it."""
+    stats, peak = generate_at_8b_shape(monkeypatch, [[p] * 37 for p in range(8)], 3, 40 * 256,
+                                       ["--samples", "4", "--temperature", "1"])
+    assert stats["cow_copies"] == 24 and stats["preemptions"] == 0
+    assert peak < 2**20, f"copy-on-write held {peak / 2**20:.1f} MiB on the device (one block is 16 MiB)"
+
+
+@pytest.mark.parametrize("prompt_tokens", [1000, 4000])
+def test_swap_holds_at_most_one_block_on_the_device_however_long_the_request(monkeypatch, prompt_tokens):
+    """Two requests fill the pool; when the older needs another block, the newer is swapped out (all its blocks but
+    none of its tokens lost), and back in when the older finishes. Out and in, the device holds at most one block
+    in all layers of the copy at once: 16 MiB (and a few bytes of block table), whether the request has 4 blocks
+    or 16."""
+    blocks = -(-(prompt_tokens + 1) // 256)
+    generate_tokens = blocks * 256 - prompt_tokens + 4  # past the last of its blocks
+    stats, peak = generate_at_8b_shape(monkeypatch, [[1] * prompt_tokens, [2] * prompt_tokens], generate_tokens,
+                                       2 * blocks * 256, ["--preempt", "swap"])
+    assert stats["preemptions"] == 1 and stats["swapped_bytes"] == 2 * 2 * blocks * BLOCK_BYTES  # K and V, out and in
+    assert peak <= BLOCK_BYTES + 2**10, f"swap held {peak / BLOCK_BYTES:.2f} blocks' K or V on the device at once"
+
+
+def test_sampling_memory_does_not_grow_with_the_batch():
+    """pick_tokens on bf16 logits over Llama 3's 128,256 tokens: its temporaries stay under 40 MiB for 64 rows and
+    for 512 alike (a float32 copy of 512 rows alone is 263 MB). Each row's token is the one it gets alone."""
+    vocab, peaks = 128_256, []
+    args = sharing.parse_args(["1", "--samples", "2", "--temperature", "0.8"])
+    for rows in (64, 512):
+        logits = torch.zeros(rows, vocab, dtype=torch.bfloat16)  # all tokens alike: the token follows the draw
+        batch = [sharing.Request(i, [1, 2], None, [1, 2, 3]) for i in range(rows)]
+        with MemoryTally() as tally:
+            tokens = sharing.pick_tokens(logits, batch, args)
+        peaks.append(tally.peak)
+        for i in (0, 31, 32, rows - 1):
+            assert sharing.pick_tokens(logits[i:i + 1], batch[i:i + 1], args) == tokens[i:i + 1]
+    assert max(peaks) <= 40 * 2**20, f"pick_tokens held {[f'{p / 2**20:.0f} MiB' for p in peaks]} at 64 and 512 rows"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_draws_each_token_with_its_probability(temperature):
+    """Tokens 0, 4 and 9 of 10 with probabilities 0.2, 0.3 and 0.5, the others 0; at a temperature T the odds are
+    these to the power 1 / T, normalized. 3000 draws, at 3000 positions: the counts pass a chi-square test (2
+    degrees of freedom, p > 0.001) and no other token is ever drawn."""
+    p = torch.tensor([0.2, 0, 0, 0, 0.3, 0, 0, 0, 0, 0.5], dtype=torch.float64)
+    odds = p ** (1 / temperature) / (p ** (1 / temperature)).sum()
+    args = sharing.parse_args(["1", "--temperature", str(temperature), "--seed", "7"])
+    batch = [sharing.Request(0, [1], None, [1] * position) for position in range(1, 3001)]
+    tokens = sharing.pick_tokens(p.log().float().expand(len(batch), -1), batch, args)
+    counts = torch.bincount(torch.tensor(tokens), minlength=10).double()
+    assert counts[odds == 0].sum() == 0, f"drew tokens of probability 0: {counts.tolist()}"
+    expected = odds[odds > 0] * len(batch)
+    chi2 = float(((counts[odds > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.82, f"counts {counts[odds > 0].tolist()} against {expected.tolist()}: chi-square {chi2:.1f}"
