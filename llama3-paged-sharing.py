@@ -308,7 +308,8 @@ class KVCacheManager:
     only when the last of them lets go. A fork (--samples, --beams) holds all its parent's blocks. Nobody writes
     into a full block again, so only a shared last block, partly filled, is ever copied: just before the first
     write into it (copy-on-write). With prefix sharing, a new request also holds the full blocks of its prompt
-    that the cache already has, found by their tokens and the block before them.
+    that the cache already has, found by their tokens and the block before them. The README's section 5 follows
+    the blocks of one prompt with --samples 4, step by step.
     """
 
     def __init__(self, num_blocks, block_size, num_rows, max_blocks_per_request, device, share_prefixes=False):
@@ -449,13 +450,13 @@ def make_kv_cache(model, budget_tokens, num_requests, args):
                                     -(-args.max_seq_len // args.block_size), DEVICE, args.prefix_sharing)
 
 
-SAMPLE_ROWS = 32  # 16 MB for each float32 (rows, vocab) temporary of pick_tokens, at Llama 3's 128,256 tokens
-
-
 def with_samples(requests, samples):
     """--samples S: each prompt's request S times in a row, ids 0..N*S-1. generate() forks all but the first."""
     return [Request(i * samples + s, r.prompt_ids, r.ref_length, list(r.tokens))
             for i, r in enumerate(requests) for s in range(samples)]
+
+
+SAMPLE_ROWS = 32  # 16 MB for each float32 (rows, vocab) temporary of pick_tokens, at Llama 3's 128,256 tokens
 
 
 def pick_tokens(logits, batch, args):
@@ -530,7 +531,8 @@ def swap_out(kv_cache, blocks):
     """A copy of these blocks' K and V in host memory, made one block at a time: the device holds no more than one
     block (in all layers) of it at once, however long the request. Returns (k, v), each (n_layers, len(blocks),
     block_size, n_kv_heads, head_dim)."""
-    saved = tuple(torch.empty((cache.shape[0], len(blocks), *cache.shape[2:]), dtype=cache.dtype) for cache in kv_cache)
+    shape = (kv_cache[0].shape[0], len(blocks), *kv_cache[0].shape[2:])
+    saved = torch.empty(shape, dtype=kv_cache[0].dtype), torch.empty(shape, dtype=kv_cache[0].dtype)
     for j, block in enumerate(blocks):
         for cache, host in zip(kv_cache, saved):
             host[:, j] = cache[:, block]  # (n_layers, block_size, n_kv_heads, head_dim)
@@ -578,8 +580,8 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
                 continue
             if manager.needs_block(req.id, len(req.tokens)):
                 manager.append_block(req.id)
-            elif manager.needs_copy(req.id, len(req.tokens)):  # not if the block's other holders copied it, or
-                manager.copy_on_write(req.id)                  # were preempted, first: its last holder keeps it
+            elif manager.needs_copy(req.id, len(req.tokens)):  # not if its other holders copied it (or were
+                manager.copy_on_write(req.id)                  # preempted) first: the last holder keeps the block
         for copy, original in manager.copies.items():  # before any token is written, one block at a time
             for cache in kv_cache:  # (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
                 cache[:, copy] = cache[:, original]  # int indices: a view copied into a view, no temporary
