@@ -378,6 +378,36 @@ def test_fork_copy_on_write_and_ref_counts():
     assert sorted(m.free_blocks) == list(range(8)) and m.ref_count == [0] * 8 and sorted(m.free_rows) == list(range(24))
 
 
+def test_the_readme_example_a_37_token_prompt_with_4_samples(model):
+    """README section 5, in generate(): at block 16 the prompt fills 3 blocks, held by all 4 samples (reference
+    count 4) once the forks join; at the first decode step samples 0, 1 and 2, asking in that order, each get a
+    copy of the third, and sample 3, asking last, keeps the original. The first two blocks stay shared to the end."""
+    args = sharing.parse_args(["1", "--samples", "4", "--temperature", "1", "--block-size", "16"])
+    prompt = list(range(100, 137))
+    requests = sharing.with_samples([sharing.Request(0, prompt, 3, list(prompt))], 4)
+    kv_cache, manager = sharing.make_kv_cache(model, 4096, 1, args)
+    copied, held = [], {}
+    fork, copy_on_write, free = manager.fork, manager.copy_on_write, manager.free
+
+    def trace_copy(req_id):
+        if not copied:  # the first copy: every fork has joined
+            copied.append((list(manager.blocks[0]), [manager.ref_count[b] for b in manager.blocks[0]]))
+        copied.append(req_id)
+        copy_on_write(req_id)
+
+    def trace_free(req_id):
+        held[req_id] = list(manager.blocks[req_id])
+        free(req_id)
+
+    manager.copy_on_write, manager.free = trace_copy, trace_free
+    stats = sharing.generate(model, requests, kv_cache, manager, args, set())
+    (prompt_blocks, ref_counts), *copiers = copied
+    assert ref_counts == [4, 4, 4] and copiers == [0, 1, 2] and stats["cow_copies"] == 3
+    assert held[3] == prompt_blocks, "the last to ask keeps the prompt's blocks"
+    assert [held[r][:2] for r in range(3)] == [prompt_blocks[:2]] * 3
+    assert len({held[r][2] for r in range(4)}) == 4, "each sample's third block is its own"
+
+
 def test_fork_at_a_block_boundary_shares_only_full_blocks():
     """A beam forked when its tokens fill their blocks exactly shares them all and copies nothing: its next token
     starts a block of its own."""
