@@ -325,14 +325,15 @@ class KVCacheManager:
     only when the last of them lets go. A fork (--samples, --beams) holds all its parent's blocks. Nobody writes
     into a full block again, so only a shared last block, partly filled, is ever copied: just before the first
     write into it (copy-on-write). With prefix sharing, a new request also holds the full blocks of its prompt
-    that the cache already has, found by their tokens and the block before them.
+    that the cache already has, found by their tokens and the block before them. The README's section 5 follows
+    the blocks of one prompt with --samples 4, step by step.
     """
 
     def __init__(self, num_blocks, block_size, num_rows, max_blocks_per_request, device, share_prefixes=False):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks = deque(range(num_blocks))  # O(1) to take from and give back to
         self.ref_count = [0] * num_blocks            # requests holding each block; 0: free
-        self.shared = 0                              # sum of ref_count - 1 over held blocks: the blocks saved
+        self.saved_blocks = 0                        # sum of ref_count - 1 over held blocks: what sharing saves
         self.free_rows = deque(range(num_rows))      # forks come and go, so rows of block_table are handed out too
         self.blocks = {}  # request id -> its blocks, in order
         self.rows = {}    # request id -> its row of block_table
@@ -340,7 +341,7 @@ class KVCacheManager:
         # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
         self.block_table = torch.zeros(num_rows, max_blocks_per_request, dtype=torch.int32, device=device)
         self.new_entries = {}  # (row, column) -> the block to write there, the latest only (see block_tables)
-        self.copies = {}       # new block -> the shared block it must be a copy of before this step's writes
+        self.copies = {}       # new block -> the block it must be a copy of before this step's writes
         self.prefix = {} if share_prefixes else None  # (block before it or -1, its tokens) -> a full block
         self.prefix_key = {}   # block -> its key in self.prefix
 
@@ -362,10 +363,12 @@ class KVCacheManager:
         for block in self._cached_prefix(token_ids):
             self._hold(req_id, block)
         while len(self.blocks[req_id]) < self.blocks_for(num_tokens):
-            self._hold(req_id, self.free_blocks.popleft())
+            self.append_block(req_id)
         for j in range(len(token_ids) // self.block_size if self.prefix is not None else 0):
             key = self._key(token_ids, j, self.blocks[req_id][j - 1] if j else -1)
-            if key not in self.prefix:  # (it is if block j was found there)
+            # Indexed already: block j itself, found there; or, for the block of its last token (which a lookup
+            # never returns, see _cached_prefix), another request's block of the same tokens, which stays.
+            if key not in self.prefix:
                 self.prefix[key], self.prefix_key[self.blocks[req_id][j]] = self.blocks[req_id][j], key
         return self.rows[req_id]
 
@@ -377,22 +380,26 @@ class KVCacheManager:
         return self.rows[child_id]
 
     def needs_block(self, req_id, num_tokens):
-        """Does a request that holds num_tokens tokens need one more block than it has, or a copy of its last?"""
-        blocks = self.blocks[req_id]
-        return num_tokens > len(blocks) * self.block_size or self.ref_count[blocks[-1]] > 1
+        """Does a request that holds num_tokens tokens need one more block than it has?"""
+        return num_tokens > len(self.blocks[req_id]) * self.block_size
 
-    def append_block(self, req_id, num_tokens):
-        """Room for token num_tokens - 1: a new block if it starts one; else, if others share the last block, a
-        copy of it, which becomes this request's own (the others must not see the write)."""
+    def needs_copy(self, req_id, num_tokens):
+        """Does token num_tokens - 1 go into a block that other requests hold too? Then, before it is written, the
+        request needs a copy of that block of its own: the others must not see the write."""
+        return not self.needs_block(req_id, num_tokens) and self.ref_count[self.blocks[req_id][-1]] > 1
+
+    def append_block(self, req_id):
+        self._hold(req_id, self.free_blocks.popleft())
+
+    def copy_on_write(self, req_id):
+        """The request's last block, which others hold too, becomes a free block of its own, to be filled from the
+        original (self.copies) before this step writes. The others keep the original."""
         blocks = self.blocks[req_id]
-        if num_tokens > len(blocks) * self.block_size:
-            self._hold(req_id, self.free_blocks.popleft())
-        elif self.ref_count[blocks[-1]] > 1:  # (no longer, if its other holders copied it first)
-            shared, blocks[-1] = blocks[-1], self.free_blocks.popleft()
-            self.ref_count[blocks[-1]] = 1
-            self.new_entries[self.rows[req_id], len(blocks) - 1] = blocks[-1]
-            self.copies[blocks[-1]] = shared
-            self._release(shared)
+        original, blocks[-1] = blocks[-1], self.free_blocks.popleft()
+        self.ref_count[blocks[-1]] = 1
+        self.new_entries[self.rows[req_id], len(blocks) - 1] = blocks[-1]
+        self.copies[blocks[-1]] = original
+        self._release(original)
 
     def free(self, req_id):
         """A finished (or preempted) request lets go of all its blocks at once: those nobody else holds go back."""
@@ -413,14 +420,14 @@ class KVCacheManager:
     def _hold(self, req_id, block):
         """Add block to the end of a request's blocks: a free one, or one that others hold too."""
         self.ref_count[block] += 1
-        self.shared += self.ref_count[block] > 1
+        self.saved_blocks += self.ref_count[block] > 1
         self.new_entries[self.rows[req_id], len(self.blocks[req_id])] = block
         self.blocks[req_id].append(block)
 
     def _release(self, block):
         self.ref_count[block] -= 1
         if self.ref_count[block]:
-            self.shared -= 1
+            self.saved_blocks -= 1
             return
         self.free_blocks.append(block)
         self.copies.pop(block, None)  # a copy into a block nobody holds any more: a beam search preempted
@@ -466,19 +473,28 @@ def with_samples(requests, samples):
             for i, r in enumerate(requests) for s in range(samples)]
 
 
+SAMPLE_ROWS = 32  # 16 MB for each float32 (rows, vocab) temporary of pick_tokens, at Llama 3's 128,256 tokens
+
+
 def pick_tokens(logits, batch, args):
     """Each request's next token from its row of logits (batch, vocab): the likeliest at --temperature 0, else a
-    sample. A sample's random numbers come from a generator seeded by --seed, the prompt, which sample it is and
-    the position, so neither the rest of the batch, nor sharing, nor preemption changes it."""
+    sample. Its random numbers come from a generator seeded by --seed, the prompt, which sample it is and the
+    position (as vLLM does for a seeded request), so neither the rest of the batch, nor sharing, nor preemption
+    changes them. A few rows at a time, so that the float32 (rows, vocab) temporaries stay small."""
     if args.temperature == 0:
         return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits / args.temperature, dim=-1)  # (batch, vocab)
     seeds = [hash((args.seed, r.id // args.samples, r.id % args.samples, len(r.tokens))) for r in batch]  # ints: stable
-    uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device,
-                                      generator=torch.Generator(probs.device).manual_seed(seed)) for seed in seeds])
-    # An exponential race: -log(uniform) / probs[i] is exponential with rate probs[i], and token i finishes first
-    # with probability probs[i]. The winner barely depends on rounding in the logits.
-    return (uniform.log() / probs).argmax(-1).tolist()
+    tokens = []
+    for i in range(0, len(batch), SAMPLE_ROWS):
+        probs = torch.softmax(logits[i:i + SAMPLE_ROWS].to(torch.float32, copy=True).div_(args.temperature), dim=-1)
+        race = torch.empty_like(probs)
+        for row, seed in enumerate(seeds[i:i + SAMPLE_ROWS]):
+            race[row].exponential_(generator=torch.Generator(probs.device).manual_seed(seed))
+        # An exponential race: token t finishes at race[t] / probs[t], first with probability probs[t]. Unlike the
+        # inverse of a cumulative sum, the winner barely depends on rounding in the logits.
+        tokens += probs.div_(race).argmax(-1).tolist()  # (in place: no third (rows, vocab) tensor)
+        del probs, race  # before the next rows' are made
+    return tokens
 
 
 def step_beams(group, logits, args, stop_ids, new_ids):
@@ -522,13 +538,41 @@ def preempt(running, waiting, groups, swapped, manager, kv_cache, args, stats):
         root.tokens, root.score, root.done = list(root.prompt_ids), 0.0, False
         waiting.appendleft(root)
         return victims
-    if args.preempt == "swap":  # the K and V of its cached tokens, (n_layers, blocks, block_size, ...) each
-        blocks = manager.blocks[victim.id][:manager.blocks_for(len(victim.tokens) - 1)]
-        swapped[victim.id] = kv_cache[0][:, blocks].cpu(), kv_cache[1][:, blocks].cpu()
+    if args.preempt == "swap":  # the K and V of its cached tokens
+        swapped[victim.id] = swap_out(kv_cache, manager.blocks[victim.id][:manager.blocks_for(len(victim.tokens) - 1)])
         stats["swapped_bytes"] += 2 * swapped[victim.id][0].nbytes
     manager.free(victim.id)
     waiting.appendleft(running.pop())
     return [victim]
+
+
+def swap_out(kv_cache, blocks):
+    """A copy of these blocks' K and V in host memory, made one block at a time: the device holds no more than one
+    block (in all layers) of it at once, however long the request. Returns (k, v), each (n_layers, len(blocks),
+    block_size, n_kv_heads, head_dim)."""
+    shape = (kv_cache[0].shape[0], len(blocks), *kv_cache[0].shape[2:])
+    saved = torch.empty(shape, dtype=kv_cache[0].dtype), torch.empty(shape, dtype=kv_cache[0].dtype)
+    for j, block in enumerate(blocks):
+        for cache, host in zip(kv_cache, saved):
+            host[:, j] = cache[:, block]  # (n_layers, block_size, n_kv_heads, head_dim)
+    return saved
+
+
+def swap_in(kv_cache, blocks, saved):
+    """Copy K and V back from host memory (swap_out's) into these blocks, one block at a time."""
+    for j, block in enumerate(blocks):
+        for cache, host in zip(kv_cache, saved):
+            cache[:, block] = host[:, j]
+
+
+def tokens_to_admit(req, swapped, args):
+    """A waiting request's tokens to write now (its prefill's; if swapped out, those whose K and V come back: all
+    but its newest), how many tokens its blocks must hold (those, and the one the next decode writes, unless it
+    starts a --samples or --beams group, which decodes from the next step on, with its forks), and whether it
+    starts a group."""
+    starts_group = args.beams is not None or args.samples > 1 and len(req.tokens) == len(req.prompt_ids)
+    written = req.tokens[:-1] if req.id in swapped else req.tokens
+    return written, len(written) + (not starts_group), starts_group
 
 
 def generate(model, requests, kv_cache, manager, args, stop_ids):
@@ -543,40 +587,43 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
     new_ids = itertools.count(len(requests))  # for new beams
     while waiting or running:
         start = time.perf_counter()
-        # 1. Grow: a request whose newest token starts a new block gets one, and one about to write into a block
-        #    it shares gets a copy. Oldest first, since the last of a block's holders to ask keeps it: while no
-        #    block is free, the newest request is preempted.
+        # 1. Grow: a request whose newest token starts a new block gets one, and one whose newest token goes into
+        #    a block it shares gets a copy of it. Oldest first: while no block is free, the newest request is
+        #    preempted, so no block handed out here is taken back in the same step.
         preempted = set()  # ids
-        for req in [r for r in running if manager.needs_block(r.id, len(r.tokens))]:
-            while req.id not in preempted and manager.needs_block(req.id, len(req.tokens)) and not manager.free_blocks:
+        for req in list(running):
+            while (req.id not in preempted and not manager.free_blocks
+                   and (manager.needs_block(req.id, len(req.tokens)) or manager.needs_copy(req.id, len(req.tokens)))):
                 preempted |= {r.id for r in preempt(running, waiting, groups, swapped, manager, kv_cache, args, stats)}
-            if req.id not in preempted:
-                manager.append_block(req.id, len(req.tokens))
-        if manager.copies:  # copy on write, in every layer at once, before any token is written
-            new, shared = list(manager.copies), list(manager.copies.values())
+            if req.id in preempted:
+                continue
+            if manager.needs_block(req.id, len(req.tokens)):
+                manager.append_block(req.id)
+            elif manager.needs_copy(req.id, len(req.tokens)):  # not if its other holders copied it (or were
+                manager.copy_on_write(req.id)                  # preempted) first: the last holder keeps the block
+        for copy, original in manager.copies.items():  # before any token is written, one block at a time
             for cache in kv_cache:  # (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-                cache[:, new] = cache[:, shared]
-            stats["cow_copies"] += len(new)
-            manager.copies.clear()
+                cache[:, copy] = cache[:, original]  # int indices: a view copied into a view, no temporary
+        stats["cow_copies"] += len(manager.copies)
+        manager.copies.clear()
         # 2. Admit waiting requests, first come first served, while the blocks they need, less those the cache
-        #    holds already, fit; but not right after a preemption. A request that starts a --samples or --beams
-        #    group decodes from the next step on, with its forks; one swapped out has its newest token to write.
+        #    holds already, fit; but not right after a preemption.
         admitted = []
         while waiting and not preempted:
             req = waiting[0]
-            starts_group = args.beams is not None or args.samples > 1 and len(req.tokens) == len(req.prompt_ids)
-            written = req.tokens[:-1] if req.id in swapped else req.tokens
-            need, hit = len(written) + (not starts_group), manager.cached_tokens(written)
+            written, need, starts_group = tokens_to_admit(req, swapped, args)
+            hit = manager.cached_tokens(written)
             if not manager.can_allocate(need - hit):
                 break
             waiting.popleft()
             req.cache_row = manager.allocate(req.id, need, written)
             stats["prefix_hit_tokens"] += hit
             admitted.append((req, hit, starts_group))
-        if not running and not admitted:
+        if not running and not admitted:  # nothing runs, so no block is held: the cache has none of its blocks
+            need = tokens_to_admit(waiting[0], swapped, args)[1]
             fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
                  f"{waiting[0].id}, " + (f"searching with {args.beams} beams" if args.beams else
-                                         f"which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}"))
+                                         f"which needs {manager.blocks_for(need)}"))
         stats["manager_seconds"] += time.perf_counter() - start
 
         # 3. Prefill each admitted request whole, less the blocks it found in the cache: its prompt (after a
@@ -585,10 +632,10 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
         joining, forks = [], []  # groups' first requests, and (parent, fork): they join the batch after this step
         for req, hit, starts_group in admitted:
             if req.id in swapped:
+                k, v = swapped.pop(req.id)
                 first = hit // manager.block_size  # blocks it found in the cache need no copy
-                for cache, saved in zip(kv_cache, swapped.pop(req.id)):
-                    cache[:, manager.blocks[req.id][first:saved.shape[1]]] = saved[:, first:].to(DEVICE)
-                    stats["swapped_bytes"] += saved[:, first:].nbytes
+                swap_in(kv_cache, manager.blocks[req.id][first:k.shape[1]], (k[:, first:], v[:, first:]))
+                stats["swapped_bytes"] += k[:, first:].nbytes + v[:, first:].nbytes
                 running.append(req)
                 continue
             table = manager.block_tables(torch.tensor([req.cache_row], device=DEVICE), manager.blocks_for(len(req.tokens)))
@@ -629,11 +676,11 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
             stats["decode_steps"] += 1
             # Tokens held: each running request's cached ones, less those in blocks shared (all of them full).
             reserved_tokens = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
-            saved_tokens = manager.shared * manager.block_size
+            saved_tokens = manager.saved_blocks * manager.block_size
             record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running + joining) - saved_tokens,
                           f"{len(running)} running, {len(waiting)} waiting, {sum(r.done for r in requests)} of {len(requests)} "
                           f"finished, {reserved_tokens // manager.block_size} of {manager.num_blocks} blocks in use")
-            stats["shared_blocks_peak"] = max(stats["shared_blocks_peak"], manager.shared)
+            stats["shared_blocks_peak"] = max(stats["shared_blocks_peak"], manager.saved_blocks)
             stats["peak_unshared_tokens"] = max(stats["peak_unshared_tokens"], reserved_tokens + saved_tokens)
 
         # 5. Forks join, right after their parent, sharing its blocks; then finished requests let go of theirs.

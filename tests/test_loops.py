@@ -4,13 +4,15 @@ cache read went to the right slots. Tight budgets force preemption; the paged sc
 
 Also here: the preemption policy (the newest request goes first), and the manager's bookkeeping checked at every
 model call against the requests' blocks: no block held twice (paged) or ref_count = number of holders (sharing),
-no block both free and held, none lost.
+no block both free and held, none lost. Every write into the block table is watched as the kernel's table gets it:
+no write may name a (row, column) twice, and the tokens must not change when such a write keeps its first value.
 """
 import random
 from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import pin_cpu_path
 from load_scripts import load_script
@@ -46,13 +48,41 @@ def check_manager(manager, sharing_blocks):
     assert len(free) + len(held) == manager.num_blocks, "a block was lost: neither free nor held"
     if sharing_blocks:
         assert manager.ref_count == [held[b] for b in range(manager.num_blocks)], "ref_count is not the holders"
-        assert manager.shared == sum(n - 1 for n in held.values())
+        assert manager.saved_blocks == sum(n - 1 for n in held.values())
     else:
         assert max(held.values(), default=1) == 1, "a block is held by two requests"
 
 
-def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options=(), stop_ids=()):
-    """Run a paged script's generate() on the toy model; checks the manager at every model call."""
+class BlockTableWrites(TorchDispatchMode):
+    """Sees every indexed write into one block table (aten.index_put_ on its storage) and records the (row, column)
+    pairs that one write names more than once. PyTorch leaves the outcome of such a write undefined: the CPU keeps
+    the last value, a GPU may keep any. With first_wins, such a write keeps the first value instead, as a GPU may."""
+
+    def __init__(self, table, first_wins=False):
+        super().__init__()
+        self.table, self.first_wins, self.repeated = table.untyped_storage(), first_wins, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.index_put_.default and args[0].untyped_storage()._cdata == self.table._cdata:
+            indices = torch.broadcast_tensors(*args[1])  # the scripts index every dimension: (row, column)
+            pairs = list(zip(*(i.flatten().tolist() for i in indices)))
+            first = {}
+            for n, pair in enumerate(pairs):
+                first.setdefault(pair, n)
+            self.repeated += [pair for n, pair in enumerate(pairs) if first[pair] != n]
+            if self.first_wins and len(first) < len(pairs):
+                keep = torch.tensor(sorted(first.values()))
+                values = args[2].expand(indices[0].shape).flatten()[keep]
+                args = (args[0], [i.flatten()[keep] for i in indices], values, *args[3:])
+        return func(*args, **kwargs)
+
+
+def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options=(), stop_ids=(),
+              writes="no repeats"):
+    """Run a paged script's generate() on the toy model; checks the manager at every model call. writes: "no
+    repeats" checks that no write into the block table names a (row, column) twice; "last wins" (the CPU's way)
+    and "first wins" (a GPU's, possibly) let such writes through, keeping that value."""
     args = module.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size), *options])
     if module is paged:
         manager = paged.KVCacheManager(num_blocks, block_size, len(spec), -(-max_seq_len // block_size), "cpu")
@@ -70,8 +100,18 @@ def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, op
     requests = make_requests(module, spec)
     if module is sharing:
         requests = sharing.with_samples(requests, args.samples)
+    # The scripts write their block table in block_tables() only; the mode sees that write as the kernel gets it.
+    watch, block_tables = BlockTableWrites(manager.block_table, writes == "first wins"), manager.block_tables
+
+    def watched_block_tables(rows, width):
+        with watch:
+            return block_tables(rows, width)
+
+    manager.block_tables = watched_block_tables
     stats = module.generate(None, requests, toy_model(num_blocks, block_size), manager, args, set(stop_ids))
     assert sorted(manager.free_blocks) == list(range(num_blocks)) and not manager.blocks
+    assert writes != "no repeats" or not watch.repeated, \
+        f"block-table writes named {len(watch.repeated)} (row, column) pairs twice, e.g. {watch.repeated[:3]}"
     return requests, stats
 
 
@@ -84,6 +124,7 @@ def random_case(seed):
 
 
 PREEMPTED = {}  # seed -> preemptions, to check that the random runs do preempt
+TOKENS = {}     # (script, seed) -> every request's tokens in a random run, with the CPU's last-wins table writes
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -91,6 +132,7 @@ def test_paged_loop_on_random_workloads(seed, monkeypatch):
     rng, block_size, max_seq_len, num_blocks = random_case(seed)
     spec = random_workload(rng, max_seq_len)
     requests, stats = run_paged(paged, spec, block_size, num_blocks, max_seq_len, monkeypatch)
+    TOKENS["paged", seed] = [r.tokens for r in requests]
     for req, (prompt, ref_length) in zip(requests, spec):
         assert req.done and len(req.tokens) == min(len(prompt) + ref_length, max_seq_len)
         assert check_tokens(prompt, req.tokens) is None, f"request {req.id}: {check_tokens(prompt, req.tokens)}"
@@ -106,9 +148,9 @@ def test_random_workloads_do_preempt():
 SHARED = {}  # seed -> the sharing run's stats
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_sharing_loop_on_random_workloads(seed, monkeypatch):
-    """Samples, beams, prefix sharing and swap, at random, under budgets that often preempt."""
+def sharing_case(seed):
+    """A random workload for the sharing script: samples, beams or greedy, with swap or recompute, with or without
+    prefix sharing. Returns (kind, spec, block_size, num_blocks, max_seq_len, options)."""
     rng, block_size, max_seq_len, _ = random_case(seed)
     # Prompts that start alike; from two tokens only for half the seeds, so that equal blocks follow unequal ones.
     alphabet = VOCAB if seed % 4 < 2 else 2
@@ -120,7 +162,15 @@ def test_sharing_loop_on_random_workloads(seed, monkeypatch):
     options = {"samples": ["--samples", str(width), "--temperature", "1.0", "--seed", str(seed)],
                "beams": ["--beams", str(width)], "greedy": []}[kind]
     options += ["--preempt", rng.choice(["swap", "recompute"])] + ["--prefix-sharing"] * (seed % 2)
+    return kind, spec, block_size, num_blocks, max_seq_len, options
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_sharing_loop_on_random_workloads(seed, monkeypatch):
+    """Samples, beams, prefix sharing and swap, at random, under budgets that often preempt."""
+    kind, spec, block_size, num_blocks, max_seq_len, options = sharing_case(seed)
     requests, SHARED[seed] = run_paged(sharing, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
+    TOKENS["sharing", seed] = [r.tokens for r in requests]
     for req in requests:
         assert req.done, f"request {req.id} never finished"
         problem = check_tokens(req.prompt_ids, req.tokens, greedy=kind != "samples")
@@ -137,6 +187,23 @@ def test_random_sharing_workloads_share_copy_swap_and_preempt():
     runs = Counter(k for stats in SHARED.values() for k in ("shared_blocks_peak", "cow_copies", "prefix_hit_tokens",
                                                             "swapped_bytes", "preemptions") if stats[k])
     assert min(runs.values()) >= 5 and runs["preemptions"] >= 20 and len(runs) == 5, runs
+
+
+@pytest.mark.parametrize("script, seed", [("paged", s) for s in range(30)] + [("sharing", s) for s in range(60)])
+def test_tokens_do_not_depend_on_which_value_a_repeated_table_entry_keeps(script, seed, monkeypatch):
+    """The random workloads above, run again with every block-table write that names a (row, column) twice keeping
+    its first value, as a GPU may, instead of its last, as the CPU does: every request's tokens must be the same."""
+    if script == "paged":
+        rng, block_size, max_seq_len, num_blocks = random_case(seed)
+        module, spec, options = paged, random_workload(rng, max_seq_len), []
+    else:
+        module, (_, spec, block_size, num_blocks, max_seq_len, options) = sharing, sharing_case(seed)
+    case = (module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
+    if (script, seed) not in TOKENS:  # run alone, or the run above failed
+        TOKENS[script, seed] = [r.tokens for r in run_paged(*case, writes="last wins")[0]]
+    requests, _ = run_paged(*case, writes="first wins")
+    for req, last_wins in zip(requests, TOKENS[script, seed]):
+        assert req.tokens == last_wins, f"request {req.id}'s tokens depend on which value a table write keeps"
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -182,6 +249,25 @@ def test_the_newest_request_is_preempted_first(monkeypatch):
     requests, stats = run_paged(paged, spec, 4, 6, 64, monkeypatch)
     assert stats["preemptions"] == 1
     assert freed[0] == (2, [0, 1, 2]), "the first request to let go must be C, the newest, while all three held blocks"
+    assert all(check_tokens(p, r.tokens) is None for (p, _), r in zip(spec, requests))
+
+
+@pytest.mark.parametrize("script, options", [("paged", []), ("sharing", []), ("sharing", ["--preempt", "swap"])])
+def test_a_preempted_request_goes_back_to_the_head_of_the_queue(script, options, monkeypatch):
+    """As in the test above, plus D, which waits from the start: C, preempted, waits before D, so C is admitted
+    again first, when A finishes, and D after it."""
+    module = {"paged": paged, "sharing": sharing}[script]
+    spec = [([1, 2, 3, 4, 5], 6), ([6, 7, 8, 9, 10], 7), ([11, 12, 13, 14, 15], 9), ([16, 17, 18, 19, 20], 3)]
+    admitted, allocate = [], module.KVCacheManager.allocate
+
+    def admit(self, req_id, *rest):
+        admitted.append(req_id)
+        return allocate(self, req_id, *rest)
+
+    monkeypatch.setattr(module.KVCacheManager, "allocate", admit)
+    requests, stats = run_paged(module, spec, 4, 6, 64, monkeypatch, options)
+    assert stats["preemptions"] == 1
+    assert admitted == [0, 1, 2, 2, 3], "C, preempted, must be admitted again before D, which waited behind it"
     assert all(check_tokens(p, r.tokens) is None for (p, _), r in zip(spec, requests))
 
 

@@ -4,7 +4,9 @@ End-to-end runs on the tiny random checkpoint check that sharing changes no toke
 runs of generate() check the cache itself against from-scratch recomputes: each sample's K and V after the
 samples diverge, the K and V a swapped-out request gets back, prefix blocks found after different blocks, and
 beam search against a plain one that recomputes every beam with a fresh cache. The manager's reference counts,
-copy-on-write and prefix lookup are also checked step by step on small cases worked out by hand.
+copy-on-write and prefix lookup are also checked step by step on small cases worked out by hand. Last, the memory
+that copy-on-write, swap and sampling take for a while, counted as on a GPU at Llama-3-8B's shape, and what
+sampling draws, against the probabilities.
 """
 import json
 import re
@@ -14,6 +16,7 @@ import torch
 
 from conftest import cpu_path_only, pin_cpu_path, run_script
 from load_scripts import load_script
+from memory_tally import MemoryTally
 
 sharing = load_script("sharing")
 naive = load_script("naive")  # its forward() reads a contiguous cache: a from-scratch reference
@@ -244,7 +247,7 @@ def test_beam_search_matches_a_search_that_recomputes_every_beam(model, prompts,
     # The beams shared their blocks (the prompt's, and each other's history) and copied on write.
     assert stats["shared_blocks_peak"] > 0 and stats["cow_copies"] > 0
     assert stats["peak_reserved_tokens"] < stats["peak_unshared_tokens"]
-    assert sorted(manager.free_blocks) == list(range(manager.num_blocks)) and manager.shared == 0
+    assert sorted(manager.free_blocks) == list(range(manager.num_blocks)) and manager.saved_blocks == 0
 
 
 def test_beam_search_under_preemption_starts_over_and_gives_the_same_answer(model, prompts):
@@ -260,6 +263,16 @@ def test_beam_search_under_preemption_starts_over_and_gives_the_same_answer(mode
     requests = [sharing.Request(i, p, 10, list(p)) for i, p in enumerate(prompts)]
     with pytest.raises(SystemExit, match="cannot hold request 0, searching with 3 beams"):
         run_generate(model, requests, args, budget_tokens=32)  # 8 blocks: one prompt's beams don't fit
+
+
+def test_a_samples_group_that_can_never_fit_gets_one_line_with_the_blocks_it_needs(model):
+    """A --samples group's first request is admitted with room for its prompt alone (its forks decode from the
+    next step on): 48 tokens at block 16 need 3 blocks, not the 4 that 49 tokens would, and a budget of 2 never
+    holds them."""
+    args = sharing.parse_args(["1", "--samples", "2", "--temperature", "1", "--block-size", "16"])
+    requests = sharing.with_samples([sharing.Request(0, list(range(48)), 5, list(range(48)))], 2)
+    with pytest.raises(SystemExit, match="cannot hold request 0, which needs 3$"):
+        run_generate(model, requests, args, budget_tokens=32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,28 +353,60 @@ def test_fork_copy_on_write_and_ref_counts():
     full, partial = m.blocks["p"]
     m.fork("p", "a")
     m.fork("p", "b")
-    assert m.ref_count[full] == m.ref_count[partial] == 3 and m.shared == 4 and len(m.free_blocks) == 6
-    assert all(m.needs_block(r, 7) for r in "pab")
-    for r in "pab":
-        m.append_block(r, 7)
+    assert m.ref_count[full] == m.ref_count[partial] == 3 and m.saved_blocks == 4 and len(m.free_blocks) == 6
+    assert not any(m.needs_block(r, 7) for r in "pab") and all(m.needs_copy(r, 7) for r in "pab")
+    for r in "pab":  # as the loop's grow step does, oldest first
+        if m.needs_copy(r, 7):
+            m.copy_on_write(r)
     copies = dict(m.copies)
     assert list(copies.values()) == [partial, partial] and partial not in copies
     assert m.blocks["p"] == [full, list(copies)[0]] and m.blocks["a"] == [full, list(copies)[1]]
     assert m.blocks["b"] == [full, partial]
-    assert m.ref_count[full] == 3 and m.ref_count[partial] == 1 and m.shared == 2
+    assert m.ref_count[full] == 3 and m.ref_count[partial] == 1 and m.saved_blocks == 2
     assert m.block_tables(torch.tensor([m.rows[r] for r in "pab"]), 2).tolist() == [m.blocks[r] for r in "pab"]
     m.free("p")  # the root finishes: its copy goes back, the full block stays with the forks
-    assert m.blocks.keys() == {"a", "b"} and m.ref_count[full] == 2 and m.shared == 1 and len(m.free_blocks) == 5
+    assert m.blocks.keys() == {"a", "b"} and m.ref_count[full] == 2 and m.saved_blocks == 1 and len(m.free_blocks) == 5
     assert not any(m.needs_block(r, 8) for r in "ab")  # token 8 fills the second block
     assert all(m.needs_block(r, 9) for r in "ab")      # token 9 starts a third: nothing to copy
+    assert not any(m.needs_copy(r, n) for r in "ab" for n in (8, 9))
     m.copies.clear()
     for r in "ab":
-        m.append_block(r, 9)
+        m.append_block(r)
     assert not m.copies and len(m.blocks["a"]) == len(m.blocks["b"]) == 3
     m.free("a")
-    assert m.ref_count[full] == 1 and m.shared == 0
+    assert m.ref_count[full] == 1 and m.saved_blocks == 0
     m.free("b")
     assert sorted(m.free_blocks) == list(range(8)) and m.ref_count == [0] * 8 and sorted(m.free_rows) == list(range(24))
+
+
+def test_the_readme_example_a_37_token_prompt_with_4_samples(model):
+    """README section 5, in generate(): at block 16 the prompt fills 3 blocks, held by all 4 samples (reference
+    count 4) once the forks join; at the first decode step samples 0, 1 and 2, asking in that order, each get a
+    copy of the third, and sample 3, asking last, keeps the original. The first two blocks stay shared to the end."""
+    args = sharing.parse_args(["1", "--samples", "4", "--temperature", "1", "--block-size", "16"])
+    prompt = list(range(100, 137))
+    requests = sharing.with_samples([sharing.Request(0, prompt, 3, list(prompt))], 4)
+    kv_cache, manager = sharing.make_kv_cache(model, 4096, 1, args)
+    copied, held = [], {}
+    fork, copy_on_write, free = manager.fork, manager.copy_on_write, manager.free
+
+    def trace_copy(req_id):
+        if not copied:  # the first copy: every fork has joined
+            copied.append((list(manager.blocks[0]), [manager.ref_count[b] for b in manager.blocks[0]]))
+        copied.append(req_id)
+        copy_on_write(req_id)
+
+    def trace_free(req_id):
+        held[req_id] = list(manager.blocks[req_id])
+        free(req_id)
+
+    manager.copy_on_write, manager.free = trace_copy, trace_free
+    stats = sharing.generate(model, requests, kv_cache, manager, args, set())
+    (prompt_blocks, ref_counts), *copiers = copied
+    assert ref_counts == [4, 4, 4] and copiers == [0, 1, 2] and stats["cow_copies"] == 3
+    assert held[3] == prompt_blocks, "the last to ask keeps the prompt's blocks"
+    assert [held[r][:2] for r in range(3)] == [prompt_blocks[:2]] * 3
+    assert len({held[r][2] for r in range(4)}) == 4, "each sample's third block is its own"
 
 
 def test_fork_at_a_block_boundary_shares_only_full_blocks():
@@ -371,10 +416,10 @@ def test_fork_at_a_block_boundary_shares_only_full_blocks():
     m.allocate("p", 8)
     m.fork("p", "c")
     for r in "pc":
-        assert m.needs_block(r, 9)
-        m.append_block(r, 9)
+        assert m.needs_block(r, 9) and not m.needs_copy(r, 9)
+        m.append_block(r)
     assert not m.copies and m.blocks["p"][:2] == m.blocks["c"][:2] and m.blocks["p"][2] != m.blocks["c"][2]
-    assert m.shared == 2
+    assert m.saved_blocks == 2
 
 
 def test_prefix_sharing_reuses_full_blocks_only():
@@ -394,12 +439,12 @@ def test_prefix_sharing_reuses_full_blocks_only():
     free_before = len(m.free_blocks)
     m.allocate("b", 12, system + [11, 12])  # 3 blocks, 2 of them shared
     assert m.blocks["b"][:2] == a[:2] and free_before - len(m.free_blocks) == 1
-    assert [m.ref_count[x] for x in a] == [2, 2, 1] and m.shared == 2
+    assert [m.ref_count[x] for x in a] == [2, 2, 1] and m.saved_blocks == 2
     m.free("a")
     assert a[2] in m.free_blocks and a[0] not in m.free_blocks and m.cached_tokens(system + [10]) == 8
     m.free("b")
     assert m.cached_tokens(system + [10]) == 0 and not m.prefix and not m.prefix_key
-    assert sorted(m.free_blocks) == list(range(10)) and m.shared == 0
+    assert sorted(m.free_blocks) == list(range(10)) and m.saved_blocks == 0
 
 
 def test_no_prefix_sharing_without_the_option():
@@ -408,3 +453,111 @@ def test_no_prefix_sharing_without_the_option():
     assert m.cached_tokens(list(range(12))) == 0
     m.allocate("b", 13, list(range(12)))
     assert not set(m.blocks["a"]) & set(m.blocks["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient memory at Llama-3-8B's shape, counted as on a GPU (tests/memory_tally.py), and sampling's odds.
+
+LLAMA3_8B = {"layers": [None] * 32, "n_kv_heads": 8, "head_dim": 128}  # what make_kv_cache reads of a model
+BLOCK_BYTES = 32 * 256 * 8 * 128 * 2  # K (or V) of one 256-token block in all 32 layers, in bf16: 16 MiB
+
+
+class GPUOnMeta(MemoryTally):
+    """The meta device stands for a GPU: tensors there take no memory, whatever their size, and only they are
+    counted. Copies between it and the CPU (the host) move no data; as CUDA's copy_ does, a copy whose side on the
+    device is not contiguous goes through a contiguous temporary of that side, counted while the copy runs."""
+
+    def __init__(self):
+        super().__init__(device="meta")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default and {args[0].device.type, args[1].device.type} == {"meta", "cpu"}:
+            on_device = args[0] if args[0].device.type == "meta" else args[1]
+            temporary = 0 if on_device.is_contiguous() else on_device.numel() * on_device.element_size()
+            held = sum(size for ref, size in self.live.values() if not ref.expired())
+            self.peak = max(self.peak, held + temporary)
+            return args[0]
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "meta" and kwargs.get("device") == \
+                torch.device("cpu"):  # .cpu(): an empty host tensor of the same shape
+            return super().__torch_dispatch__(fake_copy_to_host, types, args, kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def fake_copy_to_host(tensor, dtype=None, **_):
+    return torch.empty(tensor.shape, dtype=dtype or tensor.dtype)
+
+
+def stand_in_forward(model, tokens, *rest, **kwargs):
+    return torch.zeros(tokens.shape[0], 8)  # logits over 8 tokens, on the host; reads and writes no cache
+
+
+def generate_at_8b_shape(monkeypatch, prompts, ref_length, budget_tokens, options):
+    """generate() with Llama-3-8B's KV cache at block 256 in bf16, on the meta device, and a stand-in for the
+    model. Returns its stats and the most bytes its own tensors held at once on the device."""
+    for name, value in (("DEVICE", torch.device("meta")), ("DTYPE", torch.bfloat16), ("forward", stand_in_forward)):
+        monkeypatch.setattr(sharing, name, value)
+    args = sharing.parse_args(["1", "--block-size", "256", *options])
+    requests = [sharing.Request(i, p, ref_length, list(p)) for i, p in enumerate(prompts)]
+    kv_cache, manager = sharing.make_kv_cache(LLAMA3_8B, budget_tokens, len(requests), args)
+    requests = sharing.with_samples(requests, args.samples)
+    with GPUOnMeta() as tally:
+        stats = sharing.generate(None, requests, kv_cache, manager, args, set())
+    assert all(r.done for r in requests)
+    return stats, tally.peak
+
+
+def test_copy_on_write_takes_no_device_memory_however_many_copies(monkeypatch):
+    """8 prompts of 37 tokens with --samples 4: the first decode step copies 24 blocks (3 per prompt), 384 MiB of
+    K if they were gathered at once. Each copy is one block into another, in place: nothing is allocated for it."""
+    stats, peak = generate_at_8b_shape(monkeypatch, [[p] * 37 for p in range(8)], 3, 40 * 256,
+                                       ["--samples", "4", "--temperature", "1"])
+    assert stats["cow_copies"] == 24 and stats["preemptions"] == 0
+    assert peak < 2**20, f"copy-on-write held {peak / 2**20:.1f} MiB on the device (one block is 16 MiB)"
+
+
+@pytest.mark.parametrize("prompt_tokens", [1000, 4000])
+def test_swap_holds_at_most_one_block_on_the_device_however_long_the_request(monkeypatch, prompt_tokens):
+    """Two requests fill the pool; when the older needs another block, the newer is swapped out (all its blocks but
+    none of its tokens lost), and back in when the older finishes. Out and in, the device holds at most one block
+    in all layers of the copy at once: 16 MiB (and a few bytes of block table), whether the request has 4 blocks
+    or 16."""
+    blocks = -(-(prompt_tokens + 1) // 256)
+    generate_tokens = blocks * 256 - prompt_tokens + 4  # past the last of its blocks
+    stats, peak = generate_at_8b_shape(monkeypatch, [[1] * prompt_tokens, [2] * prompt_tokens], generate_tokens,
+                                       2 * blocks * 256, ["--preempt", "swap"])
+    assert stats["preemptions"] == 1 and stats["swapped_bytes"] == 2 * 2 * blocks * BLOCK_BYTES  # K and V, out and in
+    assert peak <= BLOCK_BYTES + 2**10, f"swap held {peak / BLOCK_BYTES:.2f} blocks' K or V on the device at once"
+
+
+def test_sampling_memory_does_not_grow_with_the_batch():
+    """pick_tokens on bf16 logits over Llama 3's 128,256 tokens: its temporaries stay under 40 MiB for 64 rows and
+    for 512 alike (a float32 copy of 512 rows alone is 263 MB). Each row's token is the one it gets alone."""
+    vocab, peaks = 128_256, []
+    args = sharing.parse_args(["1", "--samples", "2", "--temperature", "0.8"])
+    for rows in (64, 512):
+        logits = torch.zeros(rows, vocab, dtype=torch.bfloat16)  # all tokens alike: the token follows the draw
+        batch = [sharing.Request(i, [1, 2], None, [1, 2, 3]) for i in range(rows)]
+        with MemoryTally() as tally:
+            tokens = sharing.pick_tokens(logits, batch, args)
+        peaks.append(tally.peak)
+        for i in (0, 31, 32, rows - 1):
+            assert sharing.pick_tokens(logits[i:i + 1], batch[i:i + 1], args) == tokens[i:i + 1]
+    assert max(peaks) <= 40 * 2**20, f"pick_tokens held {[f'{p / 2**20:.0f} MiB' for p in peaks]} at 64 and 512 rows"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_draws_each_token_with_its_probability(temperature):
+    """Tokens 0, 4 and 9 of 10 with probabilities 0.2, 0.3 and 0.5, the others 0; at a temperature T the odds are
+    these to the power 1 / T, normalized. 3000 draws, at 3000 positions: the counts pass a chi-square test (2
+    degrees of freedom, p > 0.001) and no other token is ever drawn."""
+    p = torch.tensor([0.2, 0, 0, 0, 0.3, 0, 0, 0, 0, 0.5], dtype=torch.float64)
+    odds = p ** (1 / temperature) / (p ** (1 / temperature)).sum()
+    args = sharing.parse_args(["1", "--temperature", str(temperature), "--seed", "7"])
+    batch = [sharing.Request(0, [1], None, [1] * position) for position in range(1, 3001)]
+    tokens = sharing.pick_tokens(p.log().float().expand(len(batch), -1), batch, args)
+    counts = torch.bincount(torch.tensor(tokens), minlength=10).double()
+    assert counts[odds == 0].sum() == 0, f"drew tokens of probability 0: {counts.tolist()}"
+    expected = odds[odds > 0] * len(batch)
+    chi2 = float(((counts[odds > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.82, f"counts {counts[odds > 0].tolist()} against {expected.tolist()}: chi-square {chi2:.1f}"

@@ -15,6 +15,9 @@ no fused kernel whose choice depends on the device (scaled_dot_product_attention
 skip_compute=True: an operator whose output has more than SKIP_ABOVE elements allocates that output (or, in place,
 keeps it) without computing it, so that Llama-3-8B-sized work counts in seconds. The values are then garbage:
 for a test of memory, not of values. Views and small operators (lengths, indices) still run for real.
+
+device="meta" (say) counts only the storages on that device type: the others are neither counted nor held
+against the peak.
 """
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -35,9 +38,9 @@ def _to_meta(value):
 
 
 class MemoryTally(TorchDispatchMode):
-    def __init__(self, skip_compute=False):
+    def __init__(self, skip_compute=False, device=None):
         super().__init__()
-        self.skip_compute = skip_compute
+        self.skip_compute, self.device = skip_compute, device
         self.live = {}     # storage address -> (weak reference, bytes), for storages made inside the block
         self.outside = {}  # storage address -> weak reference, for storages made before it
         self.peak = 0
@@ -55,7 +58,7 @@ class MemoryTally(TorchDispatchMode):
         self.outside = {key: ref for key, ref in self.outside.items() if not ref.expired()}
         for storage in _storages(out):
             key = storage._cdata
-            if key not in self.live and key not in self.outside:
+            if key not in self.live and key not in self.outside and self.device in (None, storage.device.type):
                 self.live[key] = (StorageWeakRef(storage), storage.nbytes())
         self.peak = max(self.peak, sum(size for _, size in self.live.values()))
         return out

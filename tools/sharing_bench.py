@@ -1,7 +1,7 @@
 """What does sharing KV blocks save in llama3-paged-sharing.py, and what does it cost?
 
 Real runs of llama3-paged-sharing.py on a checkpoint (the tiny random one by default) and the shipped ShareGPT
-prompts, all with --ref-lengths --quiet --json, block size 16, on the CPU:
+prompts, all with --ref-lengths --quiet --json, block size 16 (--block-size), on the CPU:
 
 1. Parallel samples: the first N prompts (default 8) with --samples S (S = 1, 2, 4, 8; --temperature 0.8
    --seed 0), whose S samples share the prompt's blocks, against the same N x S sequences run as separate
@@ -17,6 +17,7 @@ prompts, all with --ref-lengths --quiet --json, block size 16, on the CPU:
 
     python tools/sharing_bench.py            # full: ~6 min on one core of a 2-core machine
     python tools/sharing_bench.py --quick    # fewer prompts (2, 2, 5): about 2 min
+    python tools/sharing_bench.py --block-size 256   # flash-attn's blocks: prefix sharing finds whole ones only
 
 The tiny checkpoint (`python tools/make_checkpoint.py checkpoints/tiny`) is written on first use. Its K
 and V take far fewer bytes per token than Llama-3-8B's, so memory is reported in tokens, and in GB as it
@@ -34,7 +35,7 @@ from replay import replay
 from scripts import (DEFAULT_CKPT, DEFAULT_MAX_SEQ_LEN, DEFAULT_PROMPTS, LLAMA3_8B_KV_BYTES_PER_TOKEN, call_script,
                      load_script, prompt_lengths, require_checkpoint, run_script, tokenizer_path)
 
-BLOCK_SIZE = 16
+BLOCK_SIZE = 16  # the default; --block-size
 SAMPLES = (1, 2, 4, 8)
 TEMPERATURE, SEED = 0.8, 0
 FULL = {"sample_prompts": 8, "system_prompts": 32, "preempt_prompts": 16}
@@ -74,20 +75,21 @@ def parse_args(argv):
     p.add_argument("--preempt-prompts", type=int, help="N for section 3 (default 16; 5 with --quick)")
     p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT), help="checkpoint for the runs (default: the tiny one)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1)")
+    p.add_argument("--block-size", type=int, default=BLOCK_SIZE, help=f"tokens per KV block (default {BLOCK_SIZE})")
     args = p.parse_args(argv)
     mode = QUICK if args.quick else FULL
     for name, default in mode.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    for name in (*mode, "threads"):
+    for name in (*mode, "threads", "block_size"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     require_checkpoint(args.ckpt_dir)
     return args
 
 
-def round_up(tokens):
-    return -(-tokens // BLOCK_SIZE) * BLOCK_SIZE
+def round_up(tokens, block_size):
+    return -(-tokens // block_size) * block_size
 
 
 def gb_8b(tokens):
@@ -100,7 +102,7 @@ def run_sharing(label, n, args, budget, extra=(), prompts=None):
     process). A failed run ends the tool with its error."""
     log(f"running {label}")
     run = run_script("sharing", n, args.ckpt_dir, budget, DEFAULT_MAX_SEQ_LEN, args.threads, prompts=prompts,
-                     block_size=BLOCK_SIZE, extra=extra)
+                     block_size=args.block_size, extra=extra)
     if run["json"] is None:
         fail(f"{label} failed (exit {run['rc']}): {run['stderr'] or 'no message'}")
     stats = run["json"]["stats"]
@@ -149,7 +151,7 @@ def repeated_prompts_file(tmp, n, samples, tokenizer):
 def parallel_samples(lengths, tokenizer, args):
     n = args.sample_prompts
     # Enough that neither run preempts even if every sequence held its longest at once, unshared.
-    budget = max(SAMPLES) * sum(round_up(p + g + 1) for p, g in lengths[:n])
+    budget = max(SAMPLES) * sum(round_up(p + g + 1, args.block_size) for p, g in lengths[:n])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for s in SAMPLES:
@@ -173,14 +175,14 @@ def parallel_samples(lengths, tokenizer, args):
                          f"{a['wall_seconds']:.1f}", f"{b['wall_seconds']:.1f}"])
     print(f"\n== 1. Parallel samples: the first {n} prompts, --samples S --temperature {TEMPERATURE} --seed {SEED}, "
           f"vs the same {n} x S sequences as separate requests (each prompt S times in a prompts file, --samples 1); "
-          f"block {BLOCK_SIZE}, KV budget {budget:,} tokens, prefix sharing off in both, --ref-lengths ==")
+          f"block {args.block_size}, KV budget {budget:,} tokens, prefix sharing off in both, --ref-lengths ==")
     print_table(["S", "sequences", "peak KV shared", "peak KV separate", "separate/shared",
                         "GB shared (8B)", "GB separate (8B)", "shared blocks peak", "CoW copies",
                         "script's unshared est.", "wall s shared", "wall s separate"], rows)
-    print("peak KV in tokens reserved (blocks x 16); GB (8B) = those tokens at Llama-3-8B's 128 KiB per token. "
-          "Preemptions: 0 in every run (checked). Every sequence has the same prompt and length in both runs "
-          "(checked). script's unshared est. = the --samples run's own peak_unshared_tokens (its peak of reserved + "
-          "shared blocks), to set beside the real separate run. wall s = the generate loop.")
+    print(f"peak KV in tokens reserved (blocks x {args.block_size}); GB (8B) = those tokens at Llama-3-8B's 128 KiB "
+          "per token. Preemptions: 0 in every run (checked). Every sequence has the same prompt and length in both "
+          "runs (checked). script's unshared est. = the --samples run's own peak_unshared_tokens (its peak of "
+          "reserved + shared blocks), to set beside the real separate run. wall s = the generate loop.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +198,9 @@ def system_prompt(lengths, tokenizer, args):
     # find in the cache: all of them for every request after the first.
     a, b = sharing.encode_chat(tokenizer, "a", SYSTEM_PROMPT), sharing.encode_chat(tokenizer, "b", SYSTEM_PROMPT)
     common_prefix = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    expected_hits = (n - 1) * (common_prefix // BLOCK_SIZE) * BLOCK_SIZE
-    budget = sum(round_up(p + added + g + 1) for p, g in lengths[:n])  # all at once, unshared: no preemption
+    block = args.block_size
+    expected_hits = (n - 1) * (common_prefix // block) * block
+    budget = sum(round_up(p + added + g + 1, block) for p, g in lengths[:n])  # all at once, unshared: no preemption
     extra = ["--system-prompt", SYSTEM_PROMPT]
     on, on_s = run_sharing(f"{n} prompts + system prompt, prefix sharing", n, args, budget,
                          extra + ["--prefix-sharing"])
@@ -213,13 +216,13 @@ def system_prompt(lengths, tokenizer, args):
     prompt_tokens = sum(len(r["prompt_ids"]) for r in on["requests"])
     print(f"\n== 2. Shared system prompt: the first {n} prompts after a system prompt of {system_tokens} tokens "
           f"({added} with its chat header and end-of-turn; every prompt starts with the same {common_prefix} tokens, "
-          f"{common_prefix // BLOCK_SIZE} full blocks), greedy, block {BLOCK_SIZE}, KV budget {budget:,} tokens, "
+          f"{common_prefix // block} full blocks), greedy, block {block}, KV budget {budget:,} tokens, "
           f"--ref-lengths ==")
     print_table(["run", "prefix hit tokens", "peak KV reserved", "GB (8B)", "shared blocks peak",
                         "decode steps", "wall s", "process s"], rows)
     same = check_same_tokens(on, off, "prefix sharing changed the generated tokens")
     print(f"prompt tokens in all: {prompt_tokens:,}; prefix hits expected if every request after the first finds "
-          f"all {common_prefix // BLOCK_SIZE} common blocks: {expected_hits:,}; preemptions: 0 in both runs (checked); "
+          f"all {common_prefix // block} common blocks: {expected_hits:,}; preemptions: 0 in both runs (checked); "
           f"peak KV with / without: {on['stats']['peak_reserved_tokens'] / off['stats']['peak_reserved_tokens']:.2f}")
     print(f"generated token ids identical in both runs: {same}")
 
@@ -227,13 +230,13 @@ def system_prompt(lengths, tokenizer, args):
 # ---------------------------------------------------------------------------------------------
 # 3. Swap vs recompute
 
-def preempt_budget(lengths):
+def preempt_budget(lengths, block_size):
     """A budget a bit above the longest request (PREEMPT_BUDGET_FACTOR x its tokens, whole blocks) that a
     replay of the script's generate() (tools/replay.py) says makes it preempt; else the tightest one that holds the
     longest request. Returns (budget, preemptions the replay predicts for --preempt recompute)."""
     longest = max(p + g for p, g in lengths)
-    for budget in (round_up(int(PREEMPT_BUDGET_FACTOR * longest)), round_up(longest + 1)):
-        replayed = replay(lengths, budget, BLOCK_SIZE, script="sharing")
+    for budget in (round_up(int(PREEMPT_BUDGET_FACTOR * longest), block_size), round_up(longest + 1, block_size)):
+        replayed = replay(lengths, budget, block_size, script="sharing")
         if replayed["failed"] is None and replayed["preemptions"]:
             return budget, replayed["preemptions"]
     fail(f"the first {len(lengths)} prompts never preempt in any budget that holds the longest one: "
@@ -257,9 +260,9 @@ def swap_vs_recompute(lengths, budget, replayed, args):
         rows.append([mode, s["preemptions"], s["swapped_bytes"], f"{s['swapped_bytes'] / 1e6:.2f}",
                      f"{tokens:,.0f}", gb_8b(tokens), s["decode_steps"], s["generated_tokens"],
                      s["peak_reserved_tokens"], f"{s['wall_seconds']:.1f}", f"{seconds:.1f}"])
-    print(f"\n== 3. Swap vs recompute: the first {n} prompts, greedy, block {BLOCK_SIZE}, KV budget {budget:,} tokens "
-          f"({PREEMPT_BUDGET_FACTOR}x the longest request's {longest} tokens, in whole blocks; all {n} requests hold "
-          f"{total:,} tokens), prefix sharing off, --ref-lengths ==")
+    print(f"\n== 3. Swap vs recompute: the first {n} prompts, greedy, block {args.block_size}, KV budget {budget:,} "
+          f"tokens ({PREEMPT_BUDGET_FACTOR}x the longest request's {longest} tokens, in whole blocks; all {n} requests "
+          f"hold {total:,} tokens), prefix sharing off, --ref-lengths ==")
     print_table(["--preempt", "preemptions", "swapped bytes", "swapped MB", "swapped tokens", "GB (8B)",
                         "decode steps", "generated", "peak KV reserved", "wall s", "process s"], rows)
     same = check_same_tokens(runs["recompute"][0], runs["swap"][0], "--preempt swap and recompute disagree")
@@ -276,7 +279,7 @@ def main(argv=None):
     start = time.perf_counter()
     print(f"machine: {machine()}")
     print(f"mode: {'quick' if args.quick else 'full'}; checkpoint {args.ckpt_dir}; llama3-paged-sharing.py --ref-lengths "
-          f"--quiet --json --block-size {BLOCK_SIZE} --max-seq-len {DEFAULT_MAX_SEQ_LEN}; "
+          f"--quiet --json --block-size {args.block_size} --max-seq-len {DEFAULT_MAX_SEQ_LEN}; "
           f"torch threads per run {args.threads}; N = {args.sample_prompts} / {args.system_prompts} / "
           f"{args.preempt_prompts} prompts in sections 1 / 2 / 3")
     sharing = load_script("sharing")
@@ -285,7 +288,7 @@ def main(argv=None):
     lengths = prompt_lengths(DEFAULT_PROMPTS, n_max)  # [(prompt tokens, tokens to generate)]
 
     # Section 3's budget now, so that prompts that can't be made to preempt fail before any run.
-    preempt_tokens, replayed = preempt_budget(lengths[:args.preempt_prompts])
+    preempt_tokens, replayed = preempt_budget(lengths[:args.preempt_prompts], args.block_size)
 
     parallel_samples(lengths, tokenizer, args)
     system_prompt(lengths, tokenizer, args)
