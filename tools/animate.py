@@ -109,10 +109,8 @@ def replay_paged(lengths, args):
 
     run = replay(lengths, args.budget_tokens, args.block_size, args.max_seq_len, on_decode=snapshot,
                  replace_manager=record)
-    if run["failed"]:
-        stuck = min(r.id for r in run["requests"] if not r.done)  # the head of the queue
-        fail(f"a pool of {args.budget_tokens // args.block_size} blocks of {args.block_size} tokens cannot hold prompt "
-             f"{args.first + stuck} ({lengths[stuck][0]} prompt tokens): raise --budget-tokens")
+    if run["failed"]:  # cannot happen while the budget holds a naive row: a request fits one; but say so if it does
+        fail(run["failed"])
     return held, calls, run
 
 
@@ -138,6 +136,8 @@ def build_scene(args):
     """Everything the frames show, from the two replays: no drawing."""
     lengths = scene_lengths(args)
     held, calls, run = replay_paged(lengths, args)
+    if not held:
+        fail("these requests end in their prefills, with no decode step to show: choose other prompts")
     last = len(held)
     held[last + 1] = {}  # after the last step's free: the script checked that every block came back
     # A free followed by another admission of the same request is a preemption; the admission, its recompute.
@@ -149,9 +149,9 @@ def build_scene(args):
             events.append((step, "recomputed" if back else "admitted", req_id, n))
         else:
             events.append((step, "finished" if final_free[req_id] == i else "preempted", req_id, n))
-    return {"lengths": lengths, "held": held, "events": events, "last_step": last, "naive": replay_naive_waves(lengths, args),
+    return {"lengths": lengths, "held": held, "events": events, "last_step": last, "preemptions": run["preemptions"],
             "num_blocks": run["manager"].num_blocks, "free_at_end": len(run["manager"].free_blocks),
-            "preemptions": run["preemptions"]}
+            "naive": replay_naive_waves(lengths, args)}
 
 
 def paged_status(scene, step):
@@ -279,9 +279,10 @@ def draw_frame(ax, scene, prev, step, text, fresh, args):
     chips(y + 0.02, status)
 
     # The paged pool: the same tokens as blocks, a row of the grid as long as a naive row.
-    held, prev_held = scene["held"][step], scene["held"].get(prev, {})
+    held = scene["held"][step]
     owner = {b: (req_id, j) for req_id, (blocks, _) in held.items() for j, b in enumerate(blocks)}
-    new = {b for b, (req_id, j) in owner.items() if prev and (req_id not in prev_held or j >= len(prev_held[req_id][0]))}
+    had = {req_id: len(blocks) for req_id, (blocks, _) in scene["held"].get(prev, {}).items()}
+    new = {b for b, (req_id, j) in owner.items() if prev and j >= had.get(req_id, 0)}  # handed out since then
     y += 0.5
     preempted = sum(kind == "preempted" for s, kind, _, _ in scene["events"] if s < step)
     ax.text(left, y, f"paged: the same {args.budget_tokens:,} tokens as {scene['num_blocks']} blocks of {bs}",
