@@ -14,8 +14,8 @@ scripts' defaults are 16 and 8192; these are for legibility), in a budget of 204
 rows, drawn to the same scale. Two requests wait for blocks at step 1, one is preempted at step 288 and recomputed
 at step 302, and after step 427 every block is back in the free list.
 
-    python tools/animate.py                                       # about 30 s on 2 cores
-    python tools/animate.py --first 0 --n 12 --budget-tokens 3072 --out first12.gif
+    python tools/animate.py                                       # about 20 s on 2 cores
+    python tools/animate.py --first 0 --n 12 --out first12.gif   # the first 12 prompts: 4 preemptions
 
 Writes docs/paged_pool.gif (needs matplotlib, and pillow, which matplotlib installs).
 """
@@ -207,20 +207,22 @@ def caption(scene, prev, step, args):
                 f"has done {done} and needs {len(scene['naive']):,} steps"), "pause"
     events = [e for e in scene["events"] if prev <= e[0] < step]
     of = lambda what: [(req_id, n) for _, kind, req_id, n in events if kind == what]
-    grew = [r for r, (blocks, _) in held[step].items() if r in held[prev] and len(blocks) > len(held[prev][r][0])]
+    finished, preempted, back, admitted = of("finished"), of("preempted"), of("recomputed"), of("admitted")
+    ids = lambda pairs: names(req_id for req_id, _ in pairs)
+    blocks = lambda pairs: f"{sum(n for _, n in pairs)} block{'s' * (sum(n for _, n in pairs) != 1)}"
     parts = []
-    if of("finished"):
-        parts.append(f"{names(r for r, _ in of('finished'))} finished: {sum(n for _, n in of('finished'))} blocks "
-                     f"back to the free list")
-    for req_id, n in of("preempted"):
-        parts.append(f"no free block for {names(grew) if grew else 'its next token'}: {name(req_id)}, the newest, "
-                     f"preempted, gives its {n} blocks back and waits")
-        grew = []
-    parts += [f"{name(r)} back: its {n} tokens recomputed in one prefill" for r, n in of("recomputed")]
-    if of("admitted"):
-        parts.append(f"{names(r for r, _ in of('admitted'))} admitted")
-    kind = ("pause" if of("preempted") or of("recomputed") or of("admitted") else
-            "event" if parts else None)
+    if finished:
+        parts.append(f"{ids(finished)} finished: {blocks(finished)} back to the free list")
+    if preempted:  # the newest requests, for the blocks that growing ones need
+        grew = [r for r, (blocks, _) in held[step].items() if r in held[prev] and len(blocks) > len(held[prev][r][0])]
+        parts.append(f"too few free blocks{' for ' + names(grew) if grew else ''}: {ids(preempted)}, the newest, "
+                     f"preempted, {blocks(preempted)} back, waiting")
+    if back:
+        parts.append(f"{ids(back)} back: {', '.join(str(n) for _, n in back)} tokens recomputed in one prefill"
+                     + (" each" if len(back) > 1 else ""))
+    if admitted:
+        parts.append(f"{ids(admitted)} admitted")
+    kind = "pause" if preempted or back or admitted else "event" if finished else None
     return (f"step {step}: " + "; ".join(parts) if parts else ""), kind
 
 
@@ -362,7 +364,7 @@ def main(argv=None):
     name = lambda req_id: args.first + req_id
     for step, kind, req_id, n in scene["events"]:
         if kind in ("preempted", "recomputed") or (kind == "admitted" and step > 0):
-            print(f"after decode step {step}: prompt {name(req_id)} {kind}")
+            print(f"decode step {step + 1}: prompt {name(req_id)} {kind}")  # as the frame of that step says
     print(f"paged: {len(scene['lengths'])} requests in {scene['last_step']} decode steps, {scene['preemptions']} "
           f"preemption(s), {scene['free_at_end']} of {scene['num_blocks']} blocks free at the end; naive, in "
           f"runs of {args.budget_tokens // args.max_seq_len}: {len(scene['naive'])} decode steps")
