@@ -83,14 +83,20 @@ def replay(lengths, budget_tokens, block_size, max_seq_len=DEFAULT_MAX_SEQ_LEN, 
     return out
 
 
-def replay_naive(lengths, max_seq_len=DEFAULT_MAX_SEQ_LEN):
+def replay_naive(lengths, max_seq_len=DEFAULT_MAX_SEQ_LEN, on_decode=None):
     """Run llama3-naive.py's generate() on requests of lengths [(p, g)], with a stand-in forward as replay()
-    does. Returns its stats: timeline [(reserved, used)] per decode step, decode_steps and peaks."""
+    does. on_decode(step, rows, cache_seqlens), if given, is called at every decode step (1, 2, ...) with the
+    batch's cache rows (request i owns row i) and their cached tokens, before the step's tokens are written.
+    Returns its stats: timeline [(reserved, used)] per decode step, decode_steps and peaks."""
     module = load_script("naive")
     args = call_script(module.parse_args, ["1", "--max-seq-len", str(max_seq_len)])
     requests = [module.Request(i, [0] * p, g, [0] * p) for i, (p, g) in enumerate(lengths)]
+    steps = [0]
 
     def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
+        if on_decode and tokens.shape[1] == 1 and bool((cache_seqlens > 0).all()):  # a decode step, not a prefill
+            steps[0] += 1
+            on_decode(steps[0], cache_batch_idx, cache_seqlens)
         return torch.zeros(tokens.shape[0], 1)
 
     with stand_in_forward(module, forward):
