@@ -6,13 +6,14 @@ it like a real download: the output is gibberish, but shapes, dtypes and
 memory use are real.
 
 Presets: `tiny` (~35 MB) is for tests and the CPU demo; `8b` has
-Llama-3-8B's shape (~16 GB in bf16) and is meant for memory checks on a GPU:
+Llama-3-8B's shape (~16 GB in bf16) and `1b` Llama-3.2-1B's (~2.5 GB), for memory checks on a GPU:
     python tools/make_checkpoint.py /tmp/ckpt-8b --preset 8b --device cuda
 """
 import importlib.resources
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,10 @@ PRESETS = {
     "8b": dict(tied=False, params=dict(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
         ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=False)),
+    # Llama-3.2-1B's shape: 16 layers, FFN 8192, tied output, Llama 3.1's scaled RoPE.
+    "1b": dict(tied=True, params=dict(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+        ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -76,10 +81,10 @@ def tokenizer_source():
         raise RuntimeError("llama-models is not installed: pip install llama-models") from None
 
 
-def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.bfloat16, norm_std=0.0):
+def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.bfloat16, norm_std=0.0, tokenizer=None):
     """Write the checkpoint to out_dir and return the path of the .pth file. preset: a name in PRESETS, or a dict
     like one of its values. norm_std: RMSNorm weights 1 + norm_std * N(0, 1) instead of ones, so that a test
-    can tell one norm from another."""
+    can tell one norm from another. tokenizer: a tokenizer.model to copy (default: llama-models' own)."""
     # Check everything before generating anything: the 8b preset takes a while.
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
@@ -89,7 +94,7 @@ def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.b
         raise ValueError("--device cuda was given but CUDA is not available")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a directory")
-    tokenizer = tokenizer_source()
+    tokenizer = Path(tokenizer) if tokenizer else tokenizer_source()
     os.makedirs(out_dir, exist_ok=True)
     # One generator seeded once, so the same seed/preset/device gives the same weights.
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -120,7 +125,7 @@ def write_checkpoint(out_dir, preset="tiny", seed=0, device="cpu", dtype=torch.b
 def main():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--preset", default="tiny", help="tiny (default) or 8b")
+    parser.add_argument("--preset", default="tiny", help="tiny (default), 8b or 1b")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float32")
