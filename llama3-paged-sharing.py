@@ -452,11 +452,12 @@ class KVCacheManager:
 
 def make_kv_cache(model, budget_tokens, num_requests, args):
     """The pool, K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim), and its manager."""
-    if args.block_size < 1 or KERNEL == "flash-attn" and args.block_size % 256:
-        fail(f"--block-size must be positive{' and a multiple of 256 for flash-attn' * (KERNEL == 'flash-attn')}, "
-             f"got {args.block_size}")
-    num_blocks = budget_tokens // args.block_size
-    per_prompt = max(args.samples, args.beams or 1)
+    if args.block_size < 1:
+        fail(f"--block-size must be positive, got {args.block_size}")
+    if KERNEL == "flash-attn" and args.block_size % 256:  # it reads keys in tiles of 256, each from a single block
+        fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
+    max_blocks_per_request, per_prompt = -(-args.max_seq_len // args.block_size), max(args.samples, args.beams or 1)
+    num_blocks = min(budget_tokens // args.block_size, num_requests * per_prompt * max_blocks_per_request)
     if per_prompt > num_blocks:  # each sample or beam soon holds a block of its own
         fail(f"{per_prompt} samples or beams of a prompt need at least as many KV blocks, but the budget holds "
              f"{num_blocks} blocks of {args.block_size} tokens")
@@ -464,7 +465,7 @@ def make_kv_cache(model, budget_tokens, num_requests, args):
     # A block-table row for every sequence that can run at once: each prompt's samples (or beams), and no more
     # prompts than there are blocks, since each one holds at least one.
     return kv_cache, KVCacheManager(num_blocks, args.block_size, min(num_requests, num_blocks) * per_prompt,
-                                    -(-args.max_seq_len // args.block_size), DEVICE, args.prefix_sharing)
+                                    max_blocks_per_request, DEVICE, args.prefix_sharing)
 
 
 def with_samples(requests, samples):
@@ -761,7 +762,8 @@ def main(argv=None):
     if model["vocab_size"] < tokenizer.n_vocab:
         fail(f"the checkpoint's vocab_size {model['vocab_size']} is smaller than the tokenizer's {tokenizer.n_vocab}")
     model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len)
-    budget_tokens = args.kv_budget_tokens or (gpu_budget_tokens(model, args.max_seq_len, len(requests))
+    batch = len(requests) * max(args.samples, args.beams or 1)  # the most sequences a decode step can hold
+    budget_tokens = args.kv_budget_tokens or (gpu_budget_tokens(model, args.max_seq_len, batch)
                                               if DEVICE.type == "cuda" else CPU_KV_BUDGET_TOKENS)
     try:
         kv_cache, manager = make_kv_cache(model, budget_tokens, len(requests), args)

@@ -71,3 +71,13 @@ def test_sharing_through_the_kernel_contract(options, naive_tokens, tiny_ckpt, t
         assert stats["swapped_bytes"] > 0
     if "--prefix-sharing" in options:
         assert stats["prefix_hit_tokens"] >= 256 * (N - 1)
+
+
+@pytest.mark.parametrize("name", ["paged", "sharing"])
+def test_the_block_size_check_is_flash_attns_own(name, tiny_ckpt, tmp_path, monkeypatch):
+    """With flash-attn as the kernel, a block size that is not a multiple of 256 is refused in one line before any
+    work, as the kernel itself would refuse it mid-run; 512 is a multiple, and runs."""
+    with pytest.raises(SystemExit, match="multiple of 256, got 128"):
+        run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 128)
+    data = run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 512)
+    assert data["stats"]["block_size"] == 512
