@@ -79,5 +79,5 @@ def test_the_block_size_check_is_flash_attns_own(name, tiny_ckpt, tmp_path, monk
     work, as the kernel itself would refuse it mid-run; 512 is a multiple, and runs."""
     with pytest.raises(SystemExit, match="multiple of 256, got 128"):
         run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 128)
-    data = run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 512)
-    assert data["stats"]["block_size"] == 512
+    if name == "paged":  # (the same check, word for word, in both)
+        assert run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 512)["stats"]["block_size"] == 512

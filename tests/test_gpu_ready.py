@@ -197,7 +197,7 @@ def run_on_a_terminal(script, *args):
 
 
 @pytest.mark.parametrize("script,unit", [("llama3-naive.py", "rows reserved"), ("llama3-paged.py", "blocks in use")])
-def test_progress_line_only_on_a_terminal(script, unit, tiny_ckpt):
+def test_progress_line_on_a_terminal(script, unit, tiny_ckpt):
     args = [3, "--ckpt-dir", tiny_ckpt, "--ref-lengths", "--quiet", "--max-seq-len", 96, "--kv-budget-tokens", 400]
     stdout, terminal = run_on_a_terminal(script, *args)
     lines = terminal.split("\r")
@@ -206,6 +206,4 @@ def test_progress_line_only_on_a_terminal(script, unit, tiny_ckpt):
     assert steps[0].startswith("decode step 1: 3 running")
     assert "3 of 3 finished" in steps[-1] and terminal.endswith("\n"), "the last line says all finished, then ends"
     assert f"=== {script} ===" in stdout and "\rdecode step" not in stdout
-    piped = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60)
-    assert piped.returncode == 0 and piped.stderr == "", "nothing on stderr when it is not a terminal"
+    # Where stderr is not a terminal, nothing: tests/test_scripts.py's runs check that their stderr is empty.

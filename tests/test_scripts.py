@@ -22,6 +22,7 @@ def run_json(script, ckpt, tmp_path, *args):
     out = tmp_path / f"{script}-{len(list(tmp_path.iterdir()))}.json"
     result = run_script(script, N, "--ckpt-dir", ckpt, "--json", out, *COMMON, *args)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == "", "stderr is not a terminal here: no progress line, nothing at all"
     return json.loads(out.read_text()), result.stdout
 
 

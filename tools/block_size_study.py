@@ -28,6 +28,12 @@ from scripts import (DEFAULT_MAX_SEQ_LEN, DEFAULT_PROMPTS, LLAMA3_8B_KV_BYTES_PE
                      prompt_lengths)
 
 BLOCK_SIZES = [1, 8, 16, 32, 64, 128, 256, 512]
+# Beside the weights, the card table leaves 1.5 GiB for the CUDA context and a step, as the scripts' CPU default does.
+HEADROOM_BYTES = 1536 * 2**20
+# Two setups a learner is likely to have: (card, its memory in MiB as nvidia-smi reports it, model, checkpoint preset
+# of its shape (tools/make_checkpoint.py), attention kernel, block size).
+LEARNER_GPUS = [("T4 16 GB", 15_360, "Llama-3.2-1B-Instruct", "1b", "pytorch", 16),
+                ("24 GB (RTX 4090)", 24_564, "Llama-3-8B-Instruct", "8b", "flash-attn", 256)]
 # GPU memory in MiB: the 24 GB row is the RTX 4090 as nvidia-smi reports it (the scripts' CPU default budget
 # comes from it); the others are nominal sizes, a little above what such cards report.
 CARDS_MIB = [(16 * 1024, "16 GB", "nominal"), (24_564, "24 GB", "RTX 4090 as reported"), (32 * 1024, "32 GB", "nominal"),
@@ -90,7 +96,7 @@ def study_cards(lengths, max_seq_len, known):
     weight_bytes = 2 * make_checkpoint.param_count("8b")
     rows = []
     for mib, label, example in CARDS_MIB:
-        budget = card_budget(mib, weight_bytes, paged.CUDA_HEADROOM_BYTES)
+        budget = card_budget(mib, weight_bytes, HEADROOM_BYTES)
         row = {"gib": mib / 1024, "label": label, "mib": mib, "example": example, "budget": budget,
                "naive": min(budget // max_seq_len, len(lengths))}
         for bs in (16, 256):
@@ -99,7 +105,55 @@ def study_cards(lengths, max_seq_len, known):
             row[bs] = known[budget, bs]
         row["bound16"] = bound_max_n(lengths, budget, 16) if budget else 0
         rows.append(row)
-    return rows, weight_bytes, paged.CUDA_HEADROOM_BYTES
+    return rows, weight_bytes, HEADROOM_BYTES
+
+
+def gpu_budget(preset, card_bytes, batch, max_seq_len):
+    """(KV budget in tokens, weight bytes, KV bytes per token): what the scripts' own gpu_budget_tokens() computes
+    for a model of the preset's shape in 16-bit weights, taking the card's memory less the weights as free (the
+    CUDA context, a few hundred MB, is not subtracted here)."""
+    import torch
+
+    import make_checkpoint
+    paged = load_script("paged")
+    shapes, params = make_checkpoint.tensor_shapes(preset), make_checkpoint.PRESETS[preset]["params"]
+    meta = lambda name: torch.empty(shapes[name], device="meta")
+    head_dim = params["dim"] // params["n_heads"]
+    model = {"tok_embeddings": meta("tok_embeddings.weight"), "layers": [{"w1": meta("layers.0.feed_forward.w1.weight")}],
+             "vocab_size": params["vocab_size"], "kv_bytes_per_token": 2 * params["n_layers"] * params["n_kv_heads"] * head_dim * 2}
+    weight_bytes = 2 * make_checkpoint.param_count(preset)
+    saved = paged.DTYPE, torch.cuda.mem_get_info
+    paged.DTYPE, torch.cuda.mem_get_info = torch.bfloat16, lambda device=None: (card_bytes - weight_bytes, card_bytes)
+    try:
+        return paged.gpu_budget_tokens(model, max_seq_len, batch), weight_bytes, model["kv_bytes_per_token"]
+    finally:
+        paged.DTYPE, torch.cuda.mem_get_info = saved
+
+
+def study_learner_gpus(lengths, max_seq_len):
+    """What the two setups of LEARNER_GPUS fit: the budget the scripts compute on that card for N requests (which
+    counts N's logits), and the most requests paged runs without preemption in it, found as above."""
+    rows = []
+    for card, mib, model, preset, kernel, block_size in LEARNER_GPUS:
+        n = len(lengths)
+        for _ in range(3):  # the budget depends a little on N (its logits), and N on the budget
+            budget, weight_bytes, kv_bytes = gpu_budget(preset, mib * 2**20, n, max_seq_len)
+            n = paged_max_n(lengths, budget, block_size, max_seq_len) if budget else 0
+        rows.append({"card": card, "model": model, "kernel": kernel, "block": block_size, "weights": weight_bytes,
+                     "kv_bytes": kv_bytes, "budget": budget, "naive": min(budget // max_seq_len, len(lengths)),
+                     "paged": n})
+    return rows
+
+
+def print_learner_gpus(rows, max_seq_len, total):
+    print(f"\nTwo GPUs a learner may have, as the scripts compute their budget there (the card's memory less the "
+          f"16-bit weights and what a step needs beside the pool; not measured on these cards), max_seq_len "
+          f"{max_seq_len}:")
+    print_table(["card", "model", "kernel", "block", "weights GB", "KV KiB/token", "KV budget (tokens)", "naive",
+                 "paged", "paged/naive"],
+                [[r["card"], r["model"], r["kernel"], r["block"], f"{r['weights'] / 1e9:.2f}", r["kv_bytes"] // 1024,
+                  f"{r['budget']:,}", r["naive"], fmt_n(r["paged"], total),
+                  ratio(r["paged"], r["naive"], r["paged"] == total)] for r in rows])
 
 
 def fmt_n(n, total):
@@ -130,7 +184,7 @@ def print_tables(rows, naive, cards, weight_bytes, headroom, budget, max_seq_len
     print("('+' = every prompt in the file fits: the true maximum is at least that.)\n")
 
     print(f"Requests that fit as the GPU grows (Llama-3-8B bf16 beside the cache): KV budget = (card - "
-          f"{weight_bytes / 1e9:.2f} GB of weights - {headroom / 2**20:.0f} MiB headroom, as the scripts leave on a GPU) "
+          f"{weight_bytes / 1e9:.2f} GB of weights - {headroom / 2**20:.0f} MiB headroom, as in the scripts' CPU default) "
           f"/ 128 KiB per token; naive = budget // {max_seq_len}; paged = N max as above.")
     headers = ["card", "memory (MiB)", "KV budget (tokens)", "naive", "paged 16", "paged 256", "bound 16", "paged16/naive",
                "paged256/naive"]
@@ -238,6 +292,7 @@ def main(argv=None):
           f"(prompt {sum(p for p, _ in lengths) / len(lengths):.0f}, answer {sum(g for _, g in lengths) / len(lengths):.0f}), "
           f"longest {max(totals)}; naive reserves {args.max_seq_len} for each.")
     print_tables(rows, naive, cards, weight_bytes, headroom, budget, args.max_seq_len, len(lengths))
+    print_learner_gpus(study_learner_gpus(lengths, args.max_seq_len), args.max_seq_len, len(lengths))
     plot(rows, naive, cards, budget, args.max_seq_len, len(lengths), args.prompts, args.out)
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.1f} s")
 
