@@ -18,12 +18,18 @@ N = 6
 COMMON = ["--ref-lengths", "--max-seq-len", 384, "--quiet"]
 
 
+RUNS = {}  # (script, arguments) -> (--json, stdout): several tests read the same run
+
+
 def run_json(script, ckpt, tmp_path, *args):
-    out = tmp_path / f"{script}-{len(list(tmp_path.iterdir()))}.json"
-    result = run_script(script, N, "--ckpt-dir", ckpt, "--json", out, *COMMON, *args)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == "", "stderr is not a terminal here: no progress line, nothing at all"
-    return json.loads(out.read_text()), result.stdout
+    key = (script, str(ckpt), *map(str, args))
+    if key not in RUNS:
+        out = tmp_path / f"{script}-{len(list(tmp_path.iterdir()))}.json"
+        result = run_script(script, N, "--ckpt-dir", ckpt, "--json", out, *COMMON, *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", "stderr is not a terminal here: no progress line, nothing at all"
+        RUNS[key] = json.loads(out.read_text()), result.stdout
+    return RUNS[key]
 
 
 def generated(run):
@@ -70,18 +76,20 @@ def test_sharing_script_without_sharing_options_is_the_paged_script(tiny_ckpt, t
     assert "shared blocks:" not in stdout  # the sharing lines show only when a run shared or swapped
 
 
-@cpu_path_only
-@pytest.mark.parametrize("script,preempt", [("llama3-paged.py", None), ("llama3-paged-sharing.py", "recompute"),
-                                            ("llama3-paged-sharing.py", "swap")])
-def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path, script, preempt):
-    budget = 600  # tokens: one naive request of 384, or all six paged ones with a few preempted
-    refused = run_script("llama3-naive.py", N, "--ckpt-dir", tiny_ckpt, "--kv-budget-tokens", budget, *COMMON)
+def test_naive_refuses_the_budget_the_paged_scripts_run_in(tiny_ckpt):
+    refused = run_script("llama3-naive.py", N, "--ckpt-dir", tiny_ckpt, "--kv-budget-tokens", 600, *COMMON)
     assert refused.returncode == 1
     assert "needs 6 x 384 = 2304 tokens" in refused.stderr and "budget is 600 tokens" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
-    options = ["--preempt", preempt] if preempt else []
-    paged, _ = run_json(script, tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, "--block-size", 16, *options)
+
+@cpu_path_only
+@pytest.mark.parametrize("script,preempt", [("llama3-paged.py", None), ("llama3-paged-sharing.py", None),
+                                            ("llama3-paged-sharing.py", "swap")])
+def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path, script, preempt):
+    budget = 600  # tokens: one naive request of 384 (see above), or all six paged ones with a few preempted
+    options = ["--preempt", preempt] if preempt else []  # the sharing script's default is recompute
+    paged, _ = run_json(script, tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, *options)
     stats = paged["stats"]
     assert stats["preemptions"] > 0, "the budget is meant to force preemption"
     # Swapped out, a request's K and V go to host memory and come back; recomputed, nothing is swapped.

@@ -1,6 +1,7 @@
 """The three scripts share their tokenizer, model, report and argument checks word for word, so that `diff`
 between neighbours shows one lesson and little else. These tests fail when a shared part drifts in one file."""
 import ast
+from functools import cache
 
 import pytest
 
@@ -14,6 +15,7 @@ SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NA
           "record_memory", "report"]
 
 
+@cache  # each script parsed once for all the tests
 def definitions(script):
     """name -> source text of each top-level def, class and assignment (the kernel choice is named `attention`)."""
     source = (ROOT / script).read_text()
