@@ -191,7 +191,7 @@ def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batc
         h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
         x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
         h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
-    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"])  # in DTYPE: argmax needs no copy
+    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"])  # in DTYPE: no float copy
 
 
 ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and computes scores, this many at a time

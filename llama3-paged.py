@@ -194,7 +194,7 @@ def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batc
         h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
         x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
         h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
-    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"])  # in DTYPE: argmax needs no copy
+    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"])  # in DTYPE: no float copy
 
 
 ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and computes scores, this many at a time
@@ -217,7 +217,7 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
     out = torch.empty_like(q)
     for r in range(0, len(q), rows):
         table = block_table[r:r + rows].long()  # the blocks of a row, in order, hold its keys
-        keys, values = k_cache[table].flatten(1, 2), v_cache[table].flatten(1, 2)  # (rows, num_keys, n_kv_heads, head_dim)
+        keys, values = k_cache[table].flatten(1, 2), v_cache[table].flatten(1, 2)  # (rows, keys, n_kv_heads, head_dim)
         for i in range(0, seqlen, queries):
             out[r:r + rows, i:i + queries] = attend(q[r:r + rows, i:i + queries], keys, values,
                                                     positions[r:r + rows, i:i + queries])
@@ -415,9 +415,9 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
                 append_token(req, token, stop_ids, args.max_seq_len)
             stats["decode_steps"] += 1
             reserved_tokens = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
-            record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running),
-                          f"{len(running)} running, {len(waiting)} waiting, {sum(r.done for r in requests)} of {len(requests)} "
-                          f"finished, {reserved_tokens // manager.block_size} of {manager.num_blocks} blocks in use")
+            record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running), f"{len(running)} running, "
+                          f"{len(waiting)} waiting, {sum(r.done for r in requests)} of {len(requests)} finished, "
+                          f"{reserved_tokens // manager.block_size} of {manager.num_blocks} blocks in use")
 
         # 5. Free: a finished request gives all its blocks back at once, for waiting requests to take.
         start = time.perf_counter()
