@@ -319,7 +319,9 @@ class KVCacheManager:
     One manager serves all layers: block b holds block_size tokens of K and V in every layer, so a request's
     blocks are the same in layer 0 and layer 31. Row r of block_table lists, in order, the blocks of the request
     that holds row r: its token t lives in block block_table[r, t // block_size], at offset t % block_size.
-    flash-attn reads that table directly.
+    flash-attn reads that table directly. Entries past a request's last block hold 0, or blocks given back that
+    others may hold now: the kernel never reads them, since it stops at the request's cache_seqlens plus its new
+    tokens.
 
     Requests share blocks: ref_count[b] counts the requests holding block b, and b goes back to the free list
     only when the last of them lets go. A fork (--samples, --beams) holds all its parent's blocks. Nobody writes
@@ -340,7 +342,7 @@ class KVCacheManager:
         # (num_rows, max_blocks_per_request) int32, where the kernel reads it. It lives from step to step: a
         # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
         self.block_table = torch.zeros(num_rows, max_blocks_per_request, dtype=torch.int32, device=device)
-        self.new_entries = {}  # (row, column) -> the block to write there, the latest only (see block_tables)
+        self.new_entries = {}  # (row, column) -> block, for block_tables() to write: one entry per slot, the latest
         self.copies = {}       # new block -> the block it must be a copy of before this step's writes
         self.prefix = {} if share_prefixes else None  # (block before it or -1, its tokens) -> a full block
         self.prefix_key = {}   # block -> its key in self.prefix
@@ -379,8 +381,7 @@ class KVCacheManager:
             self._hold(child_id, block)
         return self.rows[child_id]
 
-    def needs_block(self, req_id, num_tokens):
-        """Does a request that holds num_tokens tokens need one more block than it has?"""
+    def needs_block(self, req_id, num_tokens):  # does a request of num_tokens tokens need one more block than it has?
         return num_tokens > len(self.blocks[req_id]) * self.block_size
 
     def needs_copy(self, req_id, num_tokens):
@@ -409,8 +410,8 @@ class KVCacheManager:
 
     def block_tables(self, rows, width):
         """The tables of a batch, read from block_table: (batch, width) int32, rows (batch,) in batch order."""
-        if self.new_entries:  # one write for all the blocks handed out since the last call. One entry per (row,
-            # column): where an indexed write repeats an index, a GPU may keep any of the values, not the last.
+        if self.new_entries:  # one write for all the blocks handed out since the last call (with no index twice:
+            # where an indexed write repeats an index, a GPU may keep any of the values, not the last)
             row, column = zip(*self.new_entries)
             block = list(self.new_entries.values())
             self.block_table[row, column] = torch.tensor(block, dtype=torch.int32, device=self.block_table.device)

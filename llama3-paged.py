@@ -300,7 +300,7 @@ class KVCacheManager:
     One manager serves all layers: block b holds block_size tokens of K and V in every layer, so a request's
     blocks are the same in layer 0 and layer 31. Row r of block_table lists request r's blocks in order: its
     token t lives in block block_table[r, t // block_size], at offset t % block_size. flash-attn reads that table
-    directly. Entries past a request's last block hold 0, or blocks it gave back that others may hold now: the
+    directly. Entries past a request's last block hold 0, or blocks given back that others may hold now: the
     kernel never reads them, since it stops at the request's cache_seqlens plus its new tokens."""
 
     def __init__(self, num_blocks, block_size, num_requests, max_blocks_per_request, device):

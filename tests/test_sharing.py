@@ -456,7 +456,7 @@ def test_no_prefix_sharing_without_the_option():
 
 
 # ---------------------------------------------------------------------------------------------
-# Transient memory at Llama-3-8B's shape, counted as on a GPU (tests/memory_tally.py), and sampling's odds.
+# Transient memory at Llama-3-8B's shape, counted as on a GPU (tools/memory_tally.py), and sampling's odds.
 
 LLAMA3_8B = {"layers": [None] * 32, "n_kv_heads": 8, "head_dim": 128}  # what make_kv_cache reads of a model
 BLOCK_BYTES = 32 * 256 * 8 * 128 * 2  # K (or V) of one 256-token block in all 32 layers, in bf16: 16 MiB
