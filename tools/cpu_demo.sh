@@ -8,8 +8,7 @@
 set -u
 cd "$(dirname "$0")/.."
 # One torch thread unless the caller says otherwise: the tiny model's tensors are small, and on a busy machine
-# torch's default threads wait for each other. On 2 shared cores the demo took 42-44 s with one thread, every
-# time; with torch's default two, 34 s while a core was free, but 88 s once the other core was busy.
+# torch's default threads wait for each other (on 2 shared cores, two threads once took twice as long as one).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 ckpt=checkpoints/tiny
 [ -f $ckpt/consolidated.00.pth ] || python3 tools/make_checkpoint.py $ckpt || exit 1
