@@ -700,8 +700,7 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
         stats["manager_seconds"] += time.perf_counter() - start
     for root_id, group in groups.items():  # every beam has stopped: each prompt's answer is its best beam
         requests[root_id].tokens, requests[root_id].done = max(group, key=lambda b: b.score).tokens, True
-    if len(manager.free_blocks) != manager.num_blocks:
-        raise AssertionError(f"{manager.num_blocks - len(manager.free_blocks)} KV blocks were never given back")
+    assert len(manager.free_blocks) == manager.num_blocks, "every block comes back once every request is done"
     return stats | {"block_size": manager.block_size, "num_blocks": manager.num_blocks}
 
 
