@@ -245,11 +245,11 @@ def plot(measured, counts, bandwidth_bytes, flop_rate, out, title):
         ax.axvline(cross, color="gray", linestyle=":")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
-    top.annotate(f"bounds cross at batch {cross:.0f}", (cross, 1e3 * weights), textcoords="offset points",
+    top.annotate(f"bounds cross at batch {cross:.1f}", (cross, 1e3 * weights), textcoords="offset points",
                  xytext=(6, -14), fontsize=9, color="gray")
     top.set_title(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, out)
+    save_figure(fig, out, dpi=96)
     plt.close(fig)
 
 
