@@ -250,7 +250,7 @@ class TableWrites(TorchDispatchMode):
 def test_block_tables_writes_each_block_handed_out_once(learner):
     manager = new_manager(learner, 12, 4, num_requests=3, max_blocks_per_request=5)
     # What is done between two calls of block_tables, and how many slots of the table it hands a block to: the
-    # entries the second call (or the verbs before it) must write, and no more. Counted here from the tokens.
+    # entries the second call (or the verbs before it) must write, and no more, from the verbs' token counts.
     steps = [
         ("allocate(0, 9) and allocate(1, 2)", lambda: (manager.allocate(0, 9), manager.allocate(1, 2)), 3 + 1),
         ("nothing", lambda: None, 0),
@@ -309,9 +309,10 @@ def check_pool(manager):
 
 
 def check_blocks_held(manager, rows, tokens, cache_seqlens):
-    """At a model call, each request holds the blocks its tokens take once this step's decode has written, no more:
-    a prefill of n tokens, room for n + 1 (the token it makes is written by the decode that follows); a decode with
-    c tokens cached, room for c + 1 (it writes the newest, at position c). rows: the requests, in batch order."""
+    """At a model call, each request holds exactly the blocks of the tokens cached once this step's decode has
+    run: for a prefill of n tokens, room for n + 1 (the token it makes is written by the decode that follows); for
+    a decode with c tokens cached, room for c + 1 (it writes the newest, at position c). Fewer: a block taken
+    late; more: a block taken early. rows: the requests of the batch, in its order."""
     size = manager.block_size
     for b, req_id in enumerate(rows):
         cached, new = int(cache_seqlens[b]), tokens.shape[1]
