@@ -385,10 +385,9 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
     while waiting or running:
         start = time.perf_counter()
         # 1. Grow: a request whose newest token starts a new block gets one now, since this step's decode writes that
-        #    token's K and V. While too few blocks are free, the newest request is preempted: it gives its blocks back
-        #    and waits, to be recomputed from its tokens.
+        #    token's K and V, at position len(r.tokens) - 1 (room for len(r.tokens) tokens, no + 1). While too few
+        #    blocks are free, the newest request is preempted: it gives its blocks back and waits, to be recomputed.
         growing = [r for r in running if manager.needs_block(r.id, len(r.tokens))]
-        preempted = len(growing) > len(manager.free_blocks)
         while len(growing) > len(manager.free_blocks):
             victim = running.pop()
             if growing[-1] is victim:
@@ -398,10 +397,11 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
             stats["preemptions"] += 1
         for req in growing:
             manager.append_block(req.id)
-        # 2. Admit waiting requests, first come first served, while their tokens fit with the one this step's decode
-        #    writes (+ 1, step 1's rule); not right after a preemption, which would take back the blocks just freed.
+        # 2. Admit waiting requests, first come first served, while their tokens fit with the one their prefill adds,
+        #    which this step's decode writes (+ 1). After a preemption the head of waiting is the request just
+        #    preempted, and fewer blocks are free than it held: no one is admitted.
         admitted = []
-        while waiting and not preempted and manager.can_allocate(len(waiting[0].tokens) + 1):
+        while waiting and manager.can_allocate(len(waiting[0].tokens) + 1):
             req = waiting.popleft()
             req.cache_row = manager.allocate(req.id, len(req.tokens) + 1)
             admitted.append(req)
