@@ -734,8 +734,8 @@ def record_memory(stats, reserved_tokens, used_tokens, progress):  # after each 
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
         stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
-    if sys.stderr.isatty():  # one line, rewritten in place, to watch the batch grow and shrink (in a log, nothing)
-        print(f"\rdecode step {stats['decode_steps']}: {progress}", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():  # one line, rewritten in place (\033[K clears the rest), to watch the batch grow and shrink
+        print(f"\rdecode step {stats['decode_steps']}: {progress}\033[K", end="", file=sys.stderr, flush=True)
 
 
 def report(stats, name):
