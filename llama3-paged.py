@@ -45,7 +45,8 @@ def parse_args(argv):
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
     p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original",
-                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s)")
+                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s); "
+                        "use_scaled_rope scales RoPE 32x if it has no output.weight (Llama 3.2 1B, 3B), else 8x")
     p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")),
                    help="ShareGPT-style JSON; each entry's first human turn is a prompt (default: sharegpt-filtered.json)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="most tokens per request, prompt and answer (default 8192)")
@@ -137,6 +138,7 @@ def load_model(ckpt_dir):
                  "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
         # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
         model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
+        model["rope_scale_factor"] = 8.0 if "output.weight" in weights else 32.0
         # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
         model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize
         return model
@@ -153,9 +155,9 @@ def rope_tables(model, max_seq_len):
     head_dim = model["head_dim"]
     freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if model["use_scaled_rope"]:
-        # Llama 3.1+: slow down the low frequencies 8x so 8192-token training stretches to 128K,
-        # keep the high frequencies, and blend smoothly between wavelengths of 2048 and 8192 tokens.
-        factor, low, high, trained_len = 8.0, 1.0, 4.0, 8192
+        # Llama 3.1+: slow down the low frequencies 8x (32x in Llama 3.2 1B and 3B, the only ones with a tied output
+        # layer) so 8192-token training stretches to 128K; keep the high ones, blend between wavelengths 2048 and 8192.
+        factor, low, high, trained_len = model["rope_scale_factor"], 1.0, 4.0, 8192
         smooth = ((trained_len * freqs / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
         freqs = (1 - smooth) * freqs / factor + smooth * freqs
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
