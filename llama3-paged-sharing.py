@@ -155,7 +155,6 @@ def load_model(ckpt_dir):
                  "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
         # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
         model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
-        model["rope_scale_factor"] = 8.0 if "output.weight" in weights else 32.0
         # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
         model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize
         return model
@@ -172,9 +171,9 @@ def rope_tables(model, max_seq_len):
     head_dim = model["head_dim"]
     freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if model["use_scaled_rope"]:
-        # Llama 3.1+: slow down the low frequencies 8x (32x in Llama 3.2 1B and 3B, the only ones with a tied output
-        # layer) so 8192-token training stretches to 128K; keep the high ones, blend between wavelengths 2048 and 8192.
-        factor, low, high, trained_len = model["rope_scale_factor"], 1.0, 4.0, 8192
+        # Llama 3.1+: slow down the low frequencies 8x (32x in Llama 3.2 1B and 3B, the only ones whose output layer
+        # is the embedding) so 8192-token training stretches to 128K; keep the high ones, blend from 2048 to 8192.
+        factor, low, high, trained_len = 32.0 if model["output"] is model["tok_embeddings"] else 8.0, 1.0, 4.0, 8192
         smooth = ((trained_len * freqs / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
         freqs = (1 - smooth) * freqs / factor + smooth * freqs
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
@@ -222,8 +221,8 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
     """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
     seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
-    n_heads, head_dim) attends. A few rows of similar length at a time: at Llama-3-8B's shape it holds under 300 MB,
-    output included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
+    n_heads, head_dim) attends, a few rows of similar length at a time: under 300 MB at Llama-3-8B's shape, output
+    included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
     v_cache (num_blocks, block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
     batch, seqlen, n_heads, head_dim = q.shape
     block_size, n_kv_heads = k_cache.shape[1:3]

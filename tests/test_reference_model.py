@@ -450,7 +450,8 @@ PLANTS = {"rope-reversed": rope_reversed, "rope-halves": rope_halves, "gqa-modul
 MODEL_PLANTS = {
     "rope-scaling-dropped": ("tiny", lambda model: model.update(use_scaled_rope=False)),
     "rope-scaling-added": ("llama3-gqa4-untied", lambda model: model.update(use_scaled_rope=True)),
-    "rope-scale-8-when-tied": ("tiny", lambda model: model.update(rope_scale_factor=8.0)),
+    # The same output weights, but no longer the embedding tensor itself: rope_tables then takes 8 for 32.
+    "rope-scale-8-when-tied": ("tiny", lambda model: model.update(output=model["output"].clone())),
     "rope-theta-1e4": ("tiny", lambda model: model.update(rope_theta=10000.0)),
     "output-tied-wrongly": ("llama3-gqa4-untied", lambda model: model.update(output=model["tok_embeddings"])),
     "norms-swapped": ("llama3-gqa4-untied", lambda model: [layer.update(attention_norm=layer["ffn_norm"],
