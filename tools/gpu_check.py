@@ -14,9 +14,9 @@ It prints one table, a row per run: the kernel, block size, budget, requests, ho
     largest, beside the least time such a step can take: the bytes it must read (every weight but the embedding
     table, which a step only indexes, plus the K and V its rows hold) over this GPU's memory bandwidth, measured with
     a device-to-device copy;
-  * the kernel-launching operators of a decode step: ATen operators counted by a TorchDispatchMode on the run's first
-    3 decode steps (not timed), views and empty allocations left out, since they launch nothing; flash-attn's kernel,
-    which its wrapper calls outside PyTorch's dispatcher, adds one a layer;
+  * the kernel-launching operators of a decode step: ATen operators counted on the run's first 3 decode steps (not
+    timed) by tools/memory_tally.py's LaunchCount, as tools/attention_memory.py counts them, views left out since
+    they launch nothing; flash-attn's kernel, which its wrapper calls outside PyTorch's dispatcher, adds one a layer;
   * the peak GPU memory: what this process holds outside PyTorch's caching allocator (the CUDA context, the libraries'
     kernels, and on a GPU shared with others their memory too, so it errs high), measured after the run as the GPU's
     used memory less what the allocator reserved, plus the most the allocator reserved during the run. The 24 GB runs
@@ -38,10 +38,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cli import ArgumentParser, fail, log, print_table, run_main
 from machine import machine
+from memory_tally import LaunchCount
 from scripts import DEFAULT_CKPT, DEFAULT_PROMPTS, ROOT, call_script, load_script
 
 CARD_BYTES = 24_564 * 2**20  # a 24 GB RTX 4090, as nvidia-smi reports it
@@ -93,25 +93,6 @@ def kernel(module, name):
         module.attention, module.KERNEL = saved
 
 
-class LaunchCount(TorchDispatchMode):
-    """Inside the block, counts the operators that launch a kernel on a GPU: every ATen operator PyTorch runs, after
-    it has broken composite ones (matmul, indexing) into those a device implements, except views (view, permute,
-    expand, select, ...: they only make a new header for the same storage) and empty allocations."""
-    NO_KERNEL = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-                 torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
-                 torch.ops.aten._unsafe_view.default}  # (a view the schema does not mark as one)
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        returns = func._schema.returns
-        view = returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
-        self.count += not view and func not in self.NO_KERNEL
-        return func(*args, **(kwargs or {}))
-
-
 @contextmanager
 def decode_steps(module, steps, counted=COUNTED_STEPS):
     """Inside the block, every forward() of one new token per request (a decode step) appends a dict to steps:
@@ -127,7 +108,7 @@ def decode_steps(module, steps, counted=COUNTED_STEPS):
             with LaunchCount() as ops:
                 logits = forward(model, tokens, cache_seqlens, *args, **kwargs)
             outside = module.attention is not module.attention_torch  # flash-attn: its kernel, one a layer
-            record["ops"] = ops.count + outside * len(model["layers"])
+            record["ops"] = ops.launches + outside * len(model["layers"])
         else:
             synchronize()
             start = time.perf_counter()
