@@ -242,3 +242,35 @@ def test_the_checkpoint_is_written_once_and_timed(tmp_path, monkeypatch):
 
 def test_bandwidth_of_a_copy_is_measured():
     assert gpu_check.bandwidth("cpu", size=2**20, repeats=3) > 1e6  # bytes per second: any machine moves more
+
+
+def test_a_run_on_a_gpu_is_limited_to_the_card_and_measured(small, monkeypatch):
+    """run()'s GPU path, with torch.cuda stood in for (the scripts stay on the CPU): an 80 GB GPU with 70 GB free and
+    9 GB reserved, so 1 GB outside the allocator; the run is limited to what the 24 GB card leaves beside that 1 GB,
+    its peak is that 1 GB plus the most the allocator reserved (20 GB here: it fits; 25 GB: it does not), and the
+    limit is lifted after it. Out of memory inside the limit is its row's one line."""
+    model, tokenizer = small
+    calls = []
+    for name, value in (("is_available", lambda: True), ("synchronize", lambda device=None: None),
+                        ("empty_cache", lambda: calls.append("empty_cache")),
+                        ("reset_peak_memory_stats", lambda device=None: calls.append("reset")),
+                        ("mem_get_info", lambda device=None: (70 * 10**9, 80 * 10**9)),
+                        ("memory_reserved", lambda device=None: 9 * 10**9),
+                        ("set_per_process_memory_fraction", lambda f, device=None: calls.append(f))):
+        monkeypatch.setattr(torch.cuda, name, value)
+    rows = []
+    for reserved in (20 * 10**9, 25 * 10**9):
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None, r=reserved: r)
+        requests = gpu_check.make_requests(paged, tokenizer, 1, 60)  # 44 prompt tokens, 16 generated
+        rows.append(gpu_check.run(paged, model, requests, 200, 60, 16))
+        assert calls[:2] == ["empty_cache", "reset"] and calls[2:] == [(gpu_check.CARD_BYTES - 10**9) / 80e9, 1.0]
+        calls.clear()
+    assert [r["peak_bytes"] for r in rows] == [21 * 10**9, 26 * 10**9]
+    assert [c[12:14] for c in gpu_check.table(rows, 1e12, 80 * 10**9)] == [["25.76", "yes"], ["25.76", "no"]]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    monkeypatch.setattr(paged, "attention", out_of_memory)
+    row = gpu_check.run(paged, model, gpu_check.make_requests(paged, tokenizer, 1, 60), 200, 60, 16)
+    assert row["failed"] == "out of GPU memory inside a 25.76 GB card: CUDA out of memory. Tried to allocate 2.00 GiB."
+    assert calls[-1] == 1.0, "the limit is lifted after a failed run too"
