@@ -277,8 +277,8 @@ def check_kernel():
             (q, cache), table = allocate_kv((1, 256, 1, 64)), torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
             attention(q[:, :1], cache, cache.clone(), q[:, :1], q[:, :1], cache_seqlens=table[0], block_table=table)
     except (ImportError, RuntimeError) as e:  # built for another torch or CUDA, or without this GPU's kernels
-        fail(f"flash-attn fails {'to import' if e is attention else 'on this GPU'} ({type(e).__name__}: "
-             f"{str(e).splitlines()[0]}): pip uninstall flash-attn to run with the PyTorch attention")
+        fail(f"flash-attn fails {'to import' if e is attention else 'on this GPU'} ("
+             f"{f'{type(e).__name__}: {e}'.splitlines()[0]}): pip uninstall flash-attn to run with the PyTorch attention")
 
 
 # --- Requests and the KV budget -----------------------------------------------------------------------------------
