@@ -405,9 +405,8 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
             victim = running.pop()
             if growing[-1] is victim:
                 growing.pop()
-            if args.preempt == "swap":  # the K and V of its cached tokens (all but the newest), before it lets go
-                cached_blocks = manager.blocks[victim.id][:manager.blocks_for(len(victim.tokens) - 1)]
-                swapped[victim.id] = swap_out(kv_cache, cached_blocks)
+            if args.preempt == "swap":  # before it lets go: its blocks hold its cached tokens (all but the newest)
+                swapped[victim.id] = swap_out(kv_cache, manager.blocks[victim.id])
                 stats["swapped_out_blocks"] += len(swapped[victim.id][0])
             manager.free(victim.id)
             waiting.appendleft(victim)
@@ -435,7 +434,7 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
         for req in admitted:
             if req.id in swapped:
                 k, v = swapped.pop(req.id)
-                swap_in(kv_cache, manager.blocks[req.id][:len(k)], (k, v))
+                swap_in(kv_cache, manager.blocks[req.id][:len(k)], (k, v))  # a block more if the newest needs one
                 stats["swapped_in_blocks"] += len(k)
                 running.append(req)
                 continue
