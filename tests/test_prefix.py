@@ -4,15 +4,19 @@ Against llama3-paged.py, an independent implementation of the same schedule that
 option the rung generates its tokens, with and without preemption, and with it the same tokens again, blocks
 found in the index or not. The report's figures (tokens found, those found in blocks nobody held, blocks shared,
 references saved, and the tokens held and reserved) are computed here from the prompts' tokens. The manager's
-reference counts, index and eviction order are checked step by step on small cases worked out by hand.
+reference counts, index and eviction order are checked step by step on small cases worked out by hand, and at
+every model call of random workloads on the toy model that checks every cache read.
 """
 import json
+import random
 import re
+from collections import Counter
 
 import pytest
 
 from conftest import pin_cpu_path
 from load_scripts import load_script
+from toy_model import VOCAB, check_tokens, toy_forward, toy_model
 
 prefix = load_script("prefix")
 paged = load_script("paged")
@@ -248,3 +252,61 @@ def test_prefix_sharing_after_different_blocks_changes_no_token(model):
         runs.append((tokens, stats["prefix_hit_tokens"]))
     assert runs[0][0] == runs[1][0] == run_generate(paged, model, prompts)[0]
     assert (runs[0][1], runs[1][1]) == (0, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random workloads on the toy model of tests/toy_model.py, whose cache holds a hash of each request's whole prefix.
+
+RANDOM_RUNS = {}  # seed -> stats, to check that the random runs find unheld blocks, evict and preempt
+
+
+def check_manager(m):
+    """Every block is held (ref_count = its holders), free, or indexed and held by nobody: exactly one of these."""
+    held = Counter(b for blocks in m.blocks.values() for b in blocks)
+    assert m.ref_count == [held[b] for b in range(m.num_blocks)], "ref_count is not the holders"
+    assert m.saved_blocks == sum(n - 1 for n in held.values()) and m.shared_blocks == sum(n > 1 for n in held.values())
+    free, unheld = set(m.free_blocks), set(m.unheld)
+    assert len(free) + len(unheld) + len(held) == m.num_blocks and not (free | unheld) & set(held) | free & unheld
+    assert unheld <= set(m.prefix_key) and set(m.prefix.values()) == set(m.prefix_key)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_prefix_sharing_on_random_workloads(seed, monkeypatch):
+    """Prompts cut from three templates (from two tokens only for half the seeds, so that equal blocks follow
+    unequal ones), in a pool that holds the longest and rarely all: every token follows from its request's own
+    history (a block found in the index that holds other tokens changes what follows), and every block comes back."""
+    rng = random.Random(seed)
+    block_size = [1, 2, 3, 4, 7, 16][seed % 6]
+    max_seq_len = rng.randint(2, 8) * block_size + rng.randint(2, 9)
+    num_blocks = rng.randint(1, 3) * -(-max_seq_len // block_size)
+    templates = [[rng.randrange(VOCAB if seed % 4 < 2 else 2) for _ in range(max_seq_len)] for _ in range(3)]
+    spec = [(rng.choice(templates)[:rng.randint(1, max_seq_len - 1)], rng.randint(1, max_seq_len))
+            for _ in range(rng.randint(2, 10))]
+    args = prefix.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size),
+                              "--prefix-sharing"])
+    m = prefix.KVCacheManager(num_blocks, block_size, len(spec), -(-max_seq_len // block_size), "cpu", True)
+
+    def checked_forward(*call, **kwargs):
+        check_manager(m)
+        return toy_forward(*call, **kwargs)
+
+    monkeypatch.setattr(prefix, "forward", checked_forward)
+    requests = [prefix.Request(i, list(p), g, list(p)) for i, (p, g) in enumerate(spec)]
+    evicted, take = [], m.unheld.popitem
+    m.unheld.popitem = lambda last=True: evicted.append(1) or take(last)  # count the blocks taken from the index
+    RANDOM_RUNS[seed] = prefix.generate(None, requests, toy_model(num_blocks, block_size), m, args, set())
+    for req, (p, ref_length) in zip(requests, spec):
+        assert req.done and len(req.tokens) == min(len(p) + ref_length, max_seq_len)
+        assert check_tokens(p, req.tokens) is None, f"request {req.id}: {check_tokens(p, req.tokens)}"
+    check_manager(m)
+    assert not m.blocks and m.num_free() == num_blocks
+    RANDOM_RUNS[seed]["evicted"] = len(evicted)
+
+
+def test_the_random_workloads_find_unheld_blocks_evict_and_preempt():
+    if len(RANDOM_RUNS) < 30:
+        pytest.skip("needs every test_prefix_sharing_on_random_workloads case to run first")
+    runs = Counter(k for stats in RANDOM_RUNS.values() for k in ("prefix_hit_tokens", "prefix_unheld_hit_tokens",
+                                                                 "shared_blocks_peak", "evicted", "preemptions")
+                   if stats[k])
+    assert min(runs.values()) >= 5 and len(runs) == 5, runs

@@ -4,9 +4,11 @@ Against llama3-paged.py, an independent implementation of the same schedule: wit
 its tokens, with and without preemption, and recomputes what it recomputes; with it, the same tokens again. The
 blocks a swapped request gets back hold the K and V it had, block by block; the report's figures (blocks and bytes
 out and in, tokens recomputed) are counted here from the preempted requests' tokens and the checkpoint's shape.
-Last, the memory a swap takes on the device, counted as on a GPU at Llama-3-8B's shape: one block at a time.
+The memory a swap takes on the device, counted as on a GPU at Llama-3-8B's shape: one block at a time. Last,
+random workloads on the toy model that checks every cache read.
 """
 import json
+import random
 import re
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from conftest import pin_cpu_path, run_script
 from load_scripts import load_script
 from memory_tally import MemoryTally
+from toy_model import VOCAB, check_tokens, toy_forward, toy_model
 
 swap = load_script("swap")
 paged = load_script("paged")
@@ -197,3 +200,38 @@ def test_swap_holds_at_most_one_block_on_the_device_however_long_the_request(mon
     assert stats["preemptions"] == 1 and stats["swapped_out_blocks"] == stats["swapped_in_blocks"] == blocks
     assert tally.transfers == [(BLOCK_BYTES, True)] * (2 * 2 * blocks)  # K and V of each block, out and in
     assert tally.peak <= BLOCK_BYTES + 2**10, f"swap held {tally.peak / BLOCK_BYTES:.2f} blocks' K or V at once"
+
+
+# ---------------------------------------------------------------------------------------------
+# Random workloads on the toy model of tests/toy_model.py, whose cache holds a hash of each request's whole prefix.
+
+PREEMPTED = {}  # seed -> preemptions with --preempt swap, to check that the random runs do swap
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_swap_on_random_workloads(seed, monkeypatch):
+    """Random requests in a pool that holds the longest and rarely all: with --preempt swap every token follows
+    from its request's own history (a block brought back wrong changes what follows), and every block comes back."""
+    rng = random.Random(seed)
+    block_size = [1, 2, 3, 4, 7, 16][seed % 6]
+    max_seq_len = rng.randint(2, 8) * block_size + rng.randint(2, 9)
+    num_blocks = rng.randint(1, 2) * -(-max_seq_len // block_size)
+    spec = [([rng.randrange(VOCAB) for _ in range(rng.randint(1, max_seq_len - 1))], rng.randint(1, max_seq_len))
+            for _ in range(rng.randint(2, 10))]
+    args = swap.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size), "--preempt", "swap"])
+    manager = swap.KVCacheManager(num_blocks, block_size, len(spec), -(-max_seq_len // block_size), "cpu")
+    monkeypatch.setattr(swap, "forward", toy_forward)
+    requests = [swap.Request(i, list(p), g, list(p)) for i, (p, g) in enumerate(spec)]
+    stats = swap.generate(None, requests, toy_model(num_blocks, block_size), manager, args, set())
+    for req, (prompt, ref_length) in zip(requests, spec):
+        assert req.done and len(req.tokens) == min(len(prompt) + ref_length, max_seq_len)
+        assert check_tokens(prompt, req.tokens) is None, f"request {req.id}: {check_tokens(prompt, req.tokens)}"
+    assert sorted(manager.free_blocks) == list(range(num_blocks)) and not manager.blocks
+    assert stats["swapped_out_blocks"] == stats["swapped_in_blocks"]
+    PREEMPTED[seed] = stats["preemptions"]
+
+
+def test_the_random_workloads_do_swap():
+    if len(PREEMPTED) < 20:
+        pytest.skip("needs every test_swap_on_random_workloads case to run first")
+    assert sum(n > 0 for n in PREEMPTED.values()) >= 8, PREEMPTED
