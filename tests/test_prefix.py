@@ -7,13 +7,17 @@ references saved, and the tokens held and reserved) are computed here from the p
 reference counts, index and eviction order are checked step by step on small cases worked out by hand, and at
 every model call of random workloads on the toy model that checks every cache read.
 """
+import contextlib
+import io
 import json
 import random
 import re
 from collections import Counter
 
 import pytest
+import torch
 
+import flash_attn_standin
 from conftest import pin_cpu_path
 from load_scripts import load_script
 from toy_model import VOCAB, check_tokens, toy_forward, toy_model
@@ -310,3 +314,25 @@ def test_the_random_workloads_find_unheld_blocks_evict_and_preempt():
                                                                  "shared_blocks_peak", "evicted", "preemptions")
                    if stats[k])
     assert min(runs.values()) >= 5 and len(runs) == 5, runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Through flash-attn's contract (tests/flash_attn_standin.py), as on a GPU with flash-attn: bf16, 256-token blocks.
+
+def test_prefix_sharing_through_the_kernel_contract(tiny_ckpt, tmp_path, monkeypatch):
+    """A system prompt of over 256 tokens: every request after the first reads a block that the first wrote, through
+    the stand-in kernel, which refuses any call the real one would refuse or get wrong (a block one row writes while
+    another reads it among them); the tokens are those of the same prompts without prefix sharing."""
+    for name, value in (("attention", flash_attn_standin.flash_attn_with_kvcache), ("KERNEL", "flash-attn"),
+                        ("DTYPE", torch.bfloat16)):
+        monkeypatch.setattr(prefix, name, value)
+    runs = []
+    for options in (["--prefix-sharing"], []):
+        out = tmp_path / f"run-{len(runs)}.json"
+        with contextlib.redirect_stdout(io.StringIO()):
+            prefix.main(["3", "--ckpt-dir", str(tiny_ckpt), "--ref-lengths", "--quiet", "--max-seq-len", "400",
+                         "--json", str(out), "--system-prompt", "Answer briefly. " * 90, *options])
+        runs.append(json.loads(out.read_text()))
+    shared, alone = runs
+    assert shared["stats"]["block_size"] == 256 and shared["stats"]["prefix_hit_tokens"] == 256 * 2
+    assert [r["generated_ids"] for r in shared["requests"]] == [r["generated_ids"] for r in alone["requests"]]

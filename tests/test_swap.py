@@ -7,6 +7,8 @@ out and in, tokens recomputed) are counted here from the preempted requests' tok
 The memory a swap takes on the device, counted as on a GPU at Llama-3-8B's shape: one block at a time. Last,
 random workloads on the toy model that checks every cache read.
 """
+import contextlib
+import io
 import json
 import random
 import re
@@ -14,6 +16,7 @@ import re
 import pytest
 import torch
 
+import flash_attn_standin
 from conftest import pin_cpu_path, run_script
 from load_scripts import load_script
 from memory_tally import MemoryTally
@@ -235,3 +238,26 @@ def test_the_random_workloads_do_swap():
     if len(PREEMPTED) < 20:
         pytest.skip("needs every test_swap_on_random_workloads case to run first")
     assert sum(n > 0 for n in PREEMPTED.values()) >= 8, PREEMPTED
+
+
+# ---------------------------------------------------------------------------------------------
+# Through flash-attn's contract (tests/flash_attn_standin.py), as on a GPU with flash-attn: bf16, 256-token blocks.
+
+def run_through_the_kernel_contract(module, ckpt, out, monkeypatch, *options):
+    for name, value in (("attention", flash_attn_standin.flash_attn_with_kvcache), ("KERNEL", "flash-attn"),
+                        ("DTYPE", torch.bfloat16)):
+        monkeypatch.setattr(module, name, value)
+    with contextlib.redirect_stdout(io.StringIO()):
+        module.main(["3", "--ckpt-dir", str(ckpt), "--ref-lengths", "--quiet", "--max-seq-len", "300",
+                     "--kv-budget-tokens", "512", "--json", str(out), *options])
+    return json.loads(out.read_text())
+
+
+def test_swap_through_the_kernel_contract(tiny_ckpt, tmp_path, monkeypatch):
+    """2 blocks of 256 for 3 requests: swapped out and back, and read by the stand-in kernel, which refuses any call
+    the real one would refuse or get wrong. (In bf16 a recomputed K or V may round otherwise than the one swapped
+    back, so the tokens are compared with llama3-paged.py's in float32 only, above.)"""
+    run = run_through_the_kernel_contract(swap, tiny_ckpt, tmp_path / "swap.json", monkeypatch, "--preempt", "swap")
+    assert run["stats"]["block_size"] == 256 and run["stats"]["preemptions"] > 0
+    assert run["stats"]["finished"] == run["stats"]["requests"] == 3
+    assert run["stats"]["swapped_out_blocks"] == run["stats"]["swapped_in_blocks"] > 0
