@@ -221,7 +221,8 @@ def test_swap_on_random_workloads(seed, monkeypatch):
     num_blocks = rng.randint(1, 2) * -(-max_seq_len // block_size)
     spec = [([rng.randrange(VOCAB) for _ in range(rng.randint(1, max_seq_len - 1))], rng.randint(1, max_seq_len))
             for _ in range(rng.randint(2, 10))]
-    args = swap.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size), "--preempt", "swap"])
+    args = swap.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size),
+                            "--preempt", "swap"])
     manager = swap.KVCacheManager(num_blocks, block_size, len(spec), -(-max_seq_len // block_size), "cpu")
     monkeypatch.setattr(swap, "forward", toy_forward)
     requests = [swap.Request(i, list(p), g, list(p)) for i, (p, g) in enumerate(spec)]

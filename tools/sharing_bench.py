@@ -78,7 +78,8 @@ privacy, and offer a safe alternative where there is one.
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer prompts per section (2, 2, 5)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"which to run, of {','.join(SECTIONS)} (default all)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"which to run, of {','.join(SECTIONS)} (default all)")
     p.add_argument("--sample-prompts", type=int, help="N for section 1 (default 8; 2 with --quick)")
     p.add_argument("--system-prompts", type=int, help="N for section 2 (default 32; 2 with --quick)")
     p.add_argument("--preempt-prompts", type=int, help="N for section 3 (default 16; 5 with --quick)")
@@ -116,8 +117,8 @@ def run_rung(script, label, n, args, budget, extra=(), prompts=None):
     """One real run of a rung ('samples', 'prefix' or 'swap') on n prompts; returns (its --json output, seconds for
     the whole process). A failed run ends the tool with its error."""
     log(f"running {SCRIPTS[script].name}: {label}")
-    run = run_script(script, n, args.ckpt_dir, budget, DEFAULT_MAX_SEQ_LEN, args.threads, prompts=prompts or args.prompts,
-                     block_size=args.block_size, extra=extra)
+    run = run_script(script, n, args.ckpt_dir, budget, DEFAULT_MAX_SEQ_LEN, args.threads,
+                     prompts=prompts or args.prompts, block_size=args.block_size, extra=extra)
     if run["json"] is None:
         fail(f"{SCRIPTS[script].name}, {label}, failed (exit {run['rc']}): {run['stderr'] or 'no message'}")
     stats = run["json"]["stats"]
