@@ -12,8 +12,8 @@ SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py", "lla
 # Top-level definitions identical in all the scripts.
 SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
           "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
-          "choose_kernel", "attention", "append_token", "gpu_budget_tokens", "allocate_kv", "batch_inputs",
-          "record_memory", "report"]
+          "choose_kernel", "attention", "check_kernel", "append_token", "gpu_budget_tokens", "allocate_kv",
+          "batch_inputs", "record_memory", "report", "import flash_attn"]
 
 
 @cache  # each script parsed once for all the tests
@@ -24,6 +24,8 @@ def definitions(script):
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             found[node.name] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Try):  # the import of flash-attn, and what a failed one leaves
+            found["import flash_attn"] = ast.get_source_segment(source, node)
         elif isinstance(node, ast.Assign):  # NAME = ..., or attention, KERNEL, DTYPE = choose_kernel(...)
             target = node.targets[0]
             name = target.id if isinstance(target, ast.Name) else ast.unparse(target.elts[0])
