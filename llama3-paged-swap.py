@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 try:
     from flash_attn import flash_attn_with_kvcache  # the real kernel, on a CUDA GPU
-except ImportError:
-    flash_attn_with_kvcache = None
+except ImportError as e:  # not installed: None; installed but broken (built for another torch, say): check_kernel()
+    flash_attn_with_kvcache = None if isinstance(e, ModuleNotFoundError) and e.name == "flash_attn" else e
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The default budget on a CPU, in tokens of K and V: a 24 GB GPU's room beside Llama-3-8B (the README shows the sum).
@@ -67,6 +67,8 @@ def parse_args(argv):
         fail(f"--max-seq-len must be from 2 to 131072 (Llama 3.1's context), got {args.max_seq_len}")
     if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
         fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
+    if args.block_size < 1 or KERNEL == "flash-attn" and args.block_size % 256:  # it reads keys in tiles of 256
+        fail(f"--block-size must be positive, and with flash-attn's paged kernel a multiple of 256, got {args.block_size}")
     return args
 
 
@@ -130,7 +132,6 @@ def load_model(ckpt_dir):
         params = json.loads((ckpt_dir / "params.json").read_text())
         weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
         n_layers, n_heads, dim = params["n_layers"], params["n_heads"], params["dim"]
-        # Layer i's tensors by the checkpoint's names: wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm.
         names = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
                  "feed_forward.w3", "attention_norm", "ffn_norm")
         layers = [{name.split(".")[-1]: weights[f"layers.{i}.{name}.weight"].to(DEVICE, DTYPE) for name in names}
@@ -254,16 +255,30 @@ def attend(q, keys, values, positions, out, rows):
 
 def choose_kernel(flash_attn, capability):
     """Kernel and dtype for a CPU (capability None) or a GPU of compute capability (major, minor): flash-attn 2.5+
-    (its kernel takes a block table) on Ampere (8.0) or newer; bfloat16 where native, float16 before (a T4 is 7.5)."""
+    (its kernel takes a block table; or its import's error) on Ampere (8.0) or newer; bfloat16 where native, float16."""
     if capability is None:
         return attention_torch, "pytorch", torch.float32
-    if flash_attn and capability >= (8, 0) and "block_table" in inspect.signature(flash_attn).parameters:
+    if flash_attn and capability >= (8, 0) and (isinstance(flash_attn, ImportError)
+                                                or "block_table" in inspect.signature(flash_attn).parameters):
         return flash_attn, "flash-attn", torch.bfloat16
     return attention_torch, "pytorch", torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
 attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,  # once; forward() calls the kernel by this name
                                          torch.cuda.get_device_capability() if DEVICE.type == "cuda" else None)
+
+
+def check_kernel():
+    """Before the weights load, flash-attn (where chosen) runs once on a tiny input, or one line says why it can't."""
+    try:
+        if isinstance(attention, ImportError):  # flash_attn is installed, but importing it raised this
+            raise attention
+        if KERNEL == "flash-attn":  # q, k, v (1, 1, 1, 64): one token of one head, into a pool of one 256-token block
+            (q, cache), table = allocate_kv((1, 256, 1, 64)), torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+            attention(q[:, :1], cache, cache.clone(), q[:, :1], q[:, :1], cache_seqlens=table[0], block_table=table)
+    except (ImportError, RuntimeError) as e:  # built for another torch or CUDA, or without this GPU's kernels
+        fail(f"flash-attn fails {'to import' if e is attention else 'on this GPU'} ("
+             f"{f'{type(e).__name__}: {e}'.splitlines()[0]}): pip uninstall flash-attn to run with the PyTorch attention")
 
 
 # --- Requests and the KV budget -----------------------------------------------------------------------------------
@@ -362,10 +377,6 @@ class KVCacheManager:
 
 def make_kv_cache(model, budget_tokens, num_requests, args):
     """The pool, K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim), and its manager."""
-    if args.block_size < 1:
-        fail(f"--block-size must be positive, got {args.block_size}")
-    if KERNEL == "flash-attn" and args.block_size % 256:  # it reads keys in tiles of 256, each from a single block
-        fail(f"flash-attn's paged kernel needs --block-size to be a multiple of 256, got {args.block_size}")
     max_blocks_per_request = -(-args.max_seq_len // args.block_size)
     num_blocks = min(budget_tokens // args.block_size, num_requests * max_blocks_per_request)  # no more than all can use
     kv_cache = allocate_kv((len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"]))
@@ -527,6 +538,7 @@ def report(stats, name):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_kernel()
     tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
     requests = []
     for i, (text, ref_length) in enumerate(load_prompts(args.prompts, args.n, tokenizer)):
@@ -545,9 +557,7 @@ def main(argv=None):
         kv_cache, manager = make_kv_cache(model, budget_tokens, len(requests), args)
         start = time.perf_counter()
         stats = generate(model, requests, kv_cache, manager, args, stop_ids)
-    except RuntimeError as e:  # out of GPU memory, or flash-attn refusing this GPU: one line, as for bad input
-        if KERNEL != "flash-attn" and not isinstance(e, torch.cuda.OutOfMemoryError):
-            raise
+    except torch.cuda.OutOfMemoryError as e:  # one line, as for bad input; any other error is a bug: its traceback
         fail(f"the run stopped on the GPU: {str(e).splitlines()[0]}")
     if sys.stderr.isatty():
         print(file=sys.stderr)  # after the progress line
