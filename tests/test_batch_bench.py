@@ -115,6 +115,10 @@ def test_it_doubles_the_batch_while_a_token_gets_cheaper(monkeypatch, tmp_path):
     assert [m["batch"] for m in batch_bench.measure(None, None, args, 100)] == [1, 2, 4, 8, 16, 32, 64]
     args = batch_bench.parse_args(["--up-to", "8", "--max-batch", "16", "--out", str(tmp_path / "unused.png")])
     assert [m["batch"] for m in batch_bench.measure(None, None, args, 100)] == [1, 2, 4, 8, 16]
+    blip = lambda paged, model, batch, context, steps: [{32: 0.0384, 64: 0.0608}.get(batch, 0.016)] * steps
+    monkeypatch.setattr(batch_bench, "time_decode_steps", blip)  # a slow 32, then 64 only 5% cheaper than 16: stop
+    args = batch_bench.parse_args(["--up-to", "64", "--out", str(tmp_path / "unused.png")])
+    assert [m["batch"] for m in batch_bench.measure(None, None, args, 100)] == [1, 2, 4, 8, 16, 32, 64]
     flat = lambda paged, model, batch, context, steps: [0.001 * batch] * steps  # never cheaper: stop at --up-to
     monkeypatch.setattr(batch_bench, "time_decode_steps", flat)
     args = batch_bench.parse_args(["--up-to", "4", "--out", str(tmp_path / "unused.png")])

@@ -6,8 +6,8 @@ one more token per step for free, which is what the room the paged cache makes i
 two cross, the arithmetic bounds the step.
 
 This loads a checkpoint once, in this process, with llama3-paged.py's own load_model(), and times its own forward()
-for one decode step at batch 1, 2, 4, ... (to --up-to at least, then on while the step keeps getting cheaper per
-token, by 10% or more a doubling, to --max-batch at most), each request holding --context cached tokens in the
+for one decode step at batch 1, 2, 4, ... (to --up-to at least, then on while a token keeps getting cheaper, by 10%
+or more than at any smaller batch, to --max-batch at most), each request holding --context cached tokens in the
 script's paged pool (its KVCacheManager, its default block size here), the median of --steps steps after one
 warm-up. The cache holds zeros: the values do not change the work. Beside each batch, measured on this machine:
   * weight read: the bytes of every weight the step reads (all but the embedding table, of which a decode step
@@ -43,7 +43,7 @@ from plotting import pyplot, save_figure
 from scripts import DEFAULT_PROMPTS, ROOT, call_script, load_script, prompt_lengths
 
 DEFAULT_CKPT_1B = ROOT / "checkpoints" / "1b"
-CHEAPER = 0.9  # past --up-to, go on doubling while a token costs at most this much of what it did at half the batch
+CHEAPER = 0.9  # past --up-to, go on doubling while a token costs at most this much of the cheapest before
 MATMUL_ROWS = 512  # rows of the matmuls that measure the arithmetic rate: enough to keep the cores busy
 # Published figures (dense, no sparsity) for the computed crossing. RTX 4090: 1008 GB/s GDDR6X; 165.2 TFLOP/s bf16
 # tensor with fp32 accumulate (Ada whitepaper; 330 with sparsity). H100 SXM: 3.35 TB/s HBM3; 989.4 TFLOP/s bf16
@@ -178,9 +178,9 @@ def measure(paged, model, args, context):
         times = time_decode_steps(paged, model, batch, context, args.steps)
         measured.append({"batch": batch, "step_seconds": times})
         log(f"batch {batch}: {1e3 * statistics.median(times):.1f} ms a step")
-        if batch >= args.up_to and len(measured) > 1:
-            per_token = [statistics.median(m["step_seconds"]) / m["batch"] for m in measured[-2:]]
-            if per_token[1] > CHEAPER * per_token[0]:
+        if batch >= args.up_to and len(measured) > 1:  # against the cheapest before, so one slow batch ends nothing
+            per_token = [statistics.median(m["step_seconds"]) / m["batch"] for m in measured]
+            if per_token[-1] > CHEAPER * min(per_token[:-1]):
                 break
         batch *= 2
     return measured
