@@ -529,9 +529,11 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
         # 5. Forks join, right after their first sample (as if admitted just after it), holding its blocks; then a
         #    finished request lets go of all its blocks at once, for waiting requests to take those nobody else holds.
         start = time.perf_counter()
+        children = {}
         for parent, child in forks:
             child.cache_row = manager.fork(parent.id, child.id)
-        running += [r for first in joining for r in (first, *(child for parent, child in forks if parent is first))]
+            children.setdefault(parent.id, []).append(child)
+        running += [r for first in joining for r in (first, *children.get(first.id, []))]
         for req in running:
             if req.done:
                 manager.free(req.id)
@@ -621,10 +623,10 @@ def main(argv=None):
         print(f"--- request {req.id}: {len(req.prompt_ids)} prompt tokens, {len(req.generated_ids)} generated ---\n{text}")
     report(stats, Path(__file__).name)
     if args.samples > 1:  # what sharing saved, each figure at its own peak
-        print(f"blocks shared:         {stats['shared_blocks_peak']} at the peak (distinct blocks held by more than one "
-              f"request)\nblocks saved:          {stats['saved_blocks_peak']} at the peak (a shared block's holders less "
-              f"one, summed)\npeak KV per holder:    {stats['peak_unshared_tokens']} tokens (peak KV reserved if each "
-              f"holder had its own copy of each block)\ncopy-on-write copies:  {stats['cow_copies']} blocks")
+        print(f"blocks shared:         {stats['shared_blocks_peak']} at the peak (distinct blocks, each held by 2 or more)\n"
+              f"blocks saved:          {stats['saved_blocks_peak']} at the peak (the shared blocks' holders, less 1 each)\n"
+              f"peak KV per holder:    {stats['peak_unshared_tokens']} tokens (reserved if each holder had its own copies)\n"
+              f"copy-on-write copies:  {stats['cow_copies']} blocks")
     if args.json:
         out = [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids, "text": t} for r, t in zip(requests, texts)]
         try:
