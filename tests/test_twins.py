@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
+SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py", "llama3-paged-samples.py",
+           "llama3-paged-beams.py"]
 # Top-level definitions identical in all three scripts.
 SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
           "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
@@ -34,21 +35,23 @@ def definitions(script):
 def test_shared_parts_are_identical_in_all_three(name):
     texts = {script: definitions(script).get(name) for script in SCRIPTS}
     assert all(texts.values()), f"{name} is missing from {[s for s, t in texts.items() if not t]}"
-    assert texts[SCRIPTS[1]] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {SCRIPTS[1]}"
-    assert texts[SCRIPTS[2]] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {SCRIPTS[2]}"
+    for script in SCRIPTS[1:]:
+        assert texts[script] == texts[SCRIPTS[0]], f"{name} differs between {SCRIPTS[0]} and {script}"
 
 
 def test_the_paged_scripts_read_the_block_table_alike():
     """attention_torch reads its script's cache layout: naive's its rows, the paged scripts' the block table."""
-    assert definitions(SCRIPTS[1])["attention_torch"] == definitions(SCRIPTS[2])["attention_torch"]
+    for script in SCRIPTS[2:]:
+        assert definitions(script)["attention_torch"] == definitions(SCRIPTS[1])["attention_torch"], script
     naive, paged = definitions(SCRIPTS[0])["attention_torch"], definitions(SCRIPTS[1])["attention_torch"]
     assert "cache_batch_idx.long()" in naive and "block_table" not in naive.split('"""')[-1]
     assert "block_table.long()" in paged and "cache_batch_idx" not in paged.split('"""')[-1]
 
 
 def test_request_is_identical_in_naive_and_paged():
-    """(The sharing script's requests also carry a beam's score and root.)"""
+    """(The sharing script's and llama3-paged-beams.py's requests also carry a beam's score and root.)"""
     assert definitions(SCRIPTS[0])["Request"] == definitions(SCRIPTS[1])["Request"]
+    assert definitions("llama3-paged-samples.py")["Request"] == definitions(SCRIPTS[1])["Request"]
 
 
 def test_argument_checks_are_shared():
