@@ -252,3 +252,115 @@ def test_memory_of_one_call_is_bounded_at_llama3_8b_shape(call, llama3_8b_calls,
     assert "under 300 MB" in module.attention_torch.__doc__
     peak = attention_memory.peak_bytes(module.attention_torch, arguments)
     assert peak < 300e6, f"{call}: {peak / 1e6:.0f} MB"
+
+
+# --- What a call costs, counted as on a GPU (tools/memory_tally.py's LaunchCount) ------------------------------
+
+def test_the_widest_decode_step_reads_what_its_rows_hold_in_few_launches(llama3_8b_calls):
+    """The README's widest decode step: 301 rows holding 41,495 keys, tables 1,056 keys wide. Before its rows were
+    sorted by length and chunked, the call ran 345 operators and read 7.7 times the keys its rows hold; each
+    operator is a kernel launch on a GPU, which costs the host more than a little padding costs the device."""
+    import attention_memory
+    _, arguments = llama3_8b_calls["paged decode"]
+    held = sum(n + 1 for n in arguments["cache_seqlens"].tolist())  # cached keys and the new one, row by row
+    cost = attention_memory.costs(paged.attention_torch, arguments)
+    assert cost["launches"] <= 80, f"{cost['launches']} kernel-launching operators"
+    assert cost["keys_read"] <= 2 * held, f"read {cost['keys_read']} keys where the rows hold {held}"
+    assert cost["host_reads"] == 0
+
+
+def test_naives_decode_step_runs_few_operators(llama3_8b_calls):
+    import attention_memory
+    cost = attention_memory.costs(naive.attention_torch, llama3_8b_calls["naive decode"][1])
+    assert cost["launches"] <= 100 and cost["host_reads"] == 0, cost
+
+
+def poisoned(case, value):
+    """The case with `value` in every cache slot that no row reads: past each row's length, in blocks that only
+    padding columns name (and free blocks), in rows of the cache no request has. flash-attn never reads them."""
+    read = torch.zeros(case["k_cache"].shape[:2], dtype=torch.bool)
+    seqlen_q = case["q"].shape[1]
+    for b, cached in enumerate(case["cache_seqlens"].tolist()):
+        for t in range(cached + seqlen_q):
+            if case["block_table"] is not None:
+                read[int(case["block_table"][b, t // read.shape[1]]), t % read.shape[1]] = True
+            else:
+                read[int(case["cache_batch_idx"][b]), t] = True
+    k_cache, v_cache = case["k_cache"].clone(), case["v_cache"].clone()
+    k_cache[~read], v_cache[~read] = value, value
+    return dict(case, k_cache=k_cache, v_cache=v_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_no_slot_the_kernel_would_not_read_reaches_an_output(layout, value, dtype):
+    """A freed block keeps its last holder's K and V, which in float16 may have overflowed: NaN or inf there, or
+    in a slot past a row's end, must change no output, since flash-attn never reads those slots (0 * inf is NaN)."""
+    for seed, (cache_seqlens, seqlen_q) in enumerate([([0, 7, 33, 16, 2], 1), ([16, 10, 1], 3)]):
+        if layout == "paged":
+            case = paged_case(seed, cache_seqlens, seqlen_q, 8, 2, block_size=5, head_dim=16, dtype=dtype)
+        else:
+            case = contiguous_case(seed, cache_seqlens, seqlen_q, 8, 2, head_dim=16, dtype=dtype)
+        module = paged if layout == "paged" else naive
+        bad = poisoned(case, value)
+        want = module.attention_torch(**{**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()})
+        got = module.attention_torch(**bad)
+        assert torch.isfinite(got).all(), f"rows {sorted(set(torch.nonzero(~torch.isfinite(got))[:, 0].tolist()))}"
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_error_within_flash_attns_own_tolerance(layout, dtype):
+    """flash-attn's test of flash_attn_with_kvcache holds the kernel's error, against attention in float32, to at
+    most 3 times that of plain PyTorch attention in the kernel's own dtype (plus 1e-5): the bar the fallback
+    must clear where it takes the kernel's place. Here at a head shape of Llama 3's (128), grouped-query."""
+    for seed, (cache_seqlens, seqlen_q) in enumerate([([300, 7, 129, 0], 1), ([40, 0], 33)]):
+        make = paged_case if layout == "paged" else contiguous_case
+        extra = dict(block_size=16) if layout == "paged" else {}
+        case = make(seed, cache_seqlens, seqlen_q, 8, 2, head_dim=128, dtype=torch.float32, **extra)
+        case = {name: value.to(dtype) if value is not None and value.is_floating_point() else value
+                for name, value in case.items()}
+        upcast = {name: value.float() if value is not None and value.is_floating_point() else value
+                  for name, value in case.items()}
+        want = reference(**upcast)
+        in_dtype = reference(**{**case, "k_cache": case["k_cache"].clone(), "v_cache": case["v_cache"].clone()})
+        got = (paged if layout == "paged" else naive).attention_torch(**case)
+        bound = 3 * (in_dtype.float() - want).abs().max().item() + 1e-5
+        assert (got.float() - want).abs().max().item() <= bound
+
+
+def test_forward_reads_the_device_once_per_attention_call_and_nowhere_else(tiny_ckpt, monkeypatch):
+    """On a GPU each read of a tensor's value on the host waits for every kernel before it. attention_torch reads
+    the rows' lengths once (to sort and chunk them); forward() itself, and flash-attn's path, read nothing."""
+    from torch.overrides import TorchFunctionMode
+    from conftest import pin_cpu_path
+    from memory_tally import LaunchCount
+
+    class HostReads(TorchFunctionMode):  # tolist() of a CPU tensor runs no ATen operator: count the calls here
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            HostReads.calls += func in (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__,
+                                        torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__index__)
+            return func(*args, **(kwargs or {}))
+
+    for module in (naive, paged):
+        pin_cpu_path(monkeypatch, module)
+        model = module.load_model(tiny_ckpt)
+        model["rope_cos"], model["rope_sin"] = module.rope_tables(model, 64)
+        shape = (len(model["layers"]), 3, 64, model["n_kv_heads"], model["head_dim"])
+        kv_cache = torch.zeros(shape), torch.zeros(shape)
+        tokens, cache_seqlens = torch.tensor([[5], [6], [7]]), torch.tensor([3, 0, 9], dtype=torch.int32)
+        rows = dict(block_table=torch.arange(3, dtype=torch.int32)[:, None]) if module is paged else \
+            dict(cache_batch_idx=torch.arange(3, dtype=torch.int32))
+        HostReads.calls = 0
+        with HostReads(), LaunchCount() as count:
+            module.forward(model, tokens, cache_seqlens, kv_cache, **rows)
+        assert count.host_reads == 0 and HostReads.calls == len(model["layers"]), (module.__name__, HostReads.calls)
+        monkeypatch.setattr(module, "attention", lambda q, *args, **kwargs: torch.zeros_like(q))  # reads nothing
+        HostReads.calls = 0
+        with HostReads(), LaunchCount() as count:
+            module.forward(model, tokens, cache_seqlens, kv_cache, **rows)
+        assert count.host_reads == 0 and HostReads.calls == 0, (module.__name__, HostReads.calls)

@@ -3,12 +3,15 @@
     python tools/exercise.py                                             # writes my-llama3-paged.py
     python -m pytest tests/test_exercise.py --script my-llama3-paged.py  # grades it
 
-First KVCacheManager's verbs, one test each: blocks_for, can_allocate, allocate, needs_block, append_block, free,
-block_tables. Then the whole loop of generate(), with the grow and free steps: on the toy model of
-tests/toy_model.py, which checks every cache read, with room for every request, with too little room (the newest
-request must be preempted), on random workloads, every block back at the end; and on a tiny random Llama 3, the
-same tokens as llama3-naive.py. The tests read the manager's state through what __init__ sets up (free_blocks,
-blocks) and expect what the docstrings say; which free block goes to whom is the manager's choice.
+First KVCacheManager's verbs, each test needing only the holes before it: blocks_for, can_allocate, needs_block,
+append_block, allocate (which takes its blocks with append_block), free, block_tables (its rows, then each block
+written into the table once). Then the whole loop of generate(), with the grow and free steps: on the toy model of
+tests/toy_model.py, which checks every cache read, and at every model call that each request holds the blocks its
+tokens take, no fewer (a block taken late) and no more (taken early): with room for every request, with too little
+room (the newest request must be preempted), on random workloads, every block back at the end. Last, on a tiny
+random Llama 3: a request that fills the pool exactly finishes, and the same tokens as llama3-naive.py. The tests
+read the manager's state through what __init__ sets up (free_blocks, blocks, block_table, new_entries) and expect
+what the docstrings say; which free block goes to whom is the manager's choice.
 
 Without --script the tests grade the shipped llama3-paged.py, which passes them all; the last test writes the
 blank exercise and checks that it fails every one.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, pin_cpu_path
 from load_scripts import load_script
@@ -122,25 +126,6 @@ def test_can_allocate_only_when_enough_blocks_are_free(learner):
 
 
 @graded
-def test_allocate_gives_a_new_request_the_blocks_its_tokens_take(learner):
-    manager = new_manager(learner, 10, 4)
-    for req_id, n in ((0, 9), (2, 4), (1, 1)):
-        free_before = set(manager.free_blocks)
-        row = manager.allocate(req_id, n)
-        assert row == req_id, f"allocate({req_id}, {n}) should return the request's row of the block table, its id " \
-                              f"{req_id}; it returned {row}"
-        blocks = manager.blocks.get(req_id)
-        want = math.ceil(n / 4)
-        assert blocks is not None and len(blocks) == want, (f"with blocks of 4 tokens, allocate({req_id}, {n}) should "
-                                                            f"give request {req_id} {count(want, 'block')}; it holds "
-                                                            f"{blocks}")
-        assert set(blocks) <= free_before and len(set(blocks)) == want, \
-            f"request {req_id} should get {count(want, 'block')} that were free, each once, got {blocks}"
-        assert not set(blocks) & set(manager.free_blocks), f"blocks {blocks} were handed out but are still free"
-    assert len(manager.free_blocks) == 10 - 3 - 1 - 1, "3 + 1 + 1 of the 10 blocks are handed out: 5 must be free"
-
-
-@graded
 def test_needs_block_when_the_tokens_outgrow_the_blocks(learner):
     manager = new_manager(learner, 6, 4)
     for req_id, n_blocks in ((0, 2), (1, 1), (2, 3)):
@@ -170,6 +155,25 @@ def test_append_block_adds_one_free_block_at_the_end(learner):
         assert len(manager.free_blocks) == len(free_before) - 1, f"append_block({req_id}) should take exactly one block"
         held[req_id] = list(blocks)
     assert sorted(held[0] + held[1]) == list(range(7)), f"all 7 blocks are handed out, each once: got {held}"
+
+
+@graded
+def test_allocate_gives_a_new_request_the_blocks_its_tokens_take(learner):
+    manager = new_manager(learner, 10, 4)
+    for req_id, n in ((0, 9), (2, 4), (1, 1)):
+        free_before = set(manager.free_blocks)
+        row = manager.allocate(req_id, n)
+        assert row == req_id, f"allocate({req_id}, {n}) should return the request's row of the block table, its id " \
+                              f"{req_id}; it returned {row}"
+        blocks = manager.blocks.get(req_id)
+        want = math.ceil(n / 4)
+        assert blocks is not None and len(blocks) == want, (f"with blocks of 4 tokens, allocate({req_id}, {n}) should "
+                                                            f"give request {req_id} {count(want, 'block')}; it holds "
+                                                            f"{blocks}")
+        assert set(blocks) <= free_before and len(set(blocks)) == want, \
+            f"request {req_id} should get {count(want, 'block')} that were free, each once, got {blocks}"
+        assert not set(blocks) & set(manager.free_blocks), f"blocks {blocks} were handed out but are still free"
+    assert len(manager.free_blocks) == 10 - 3 - 1 - 1, "3 + 1 + 1 of the 10 blocks are handed out: 5 must be free"
 
 
 @graded
@@ -221,6 +225,55 @@ def test_block_tables_list_each_requests_blocks_in_order(learner):
     check([0, 1], 5, "after request 1 got a 4th block, gave all back and was allocated 2 blocks again")
 
 
+class TableWrites(TorchDispatchMode):
+    """Counts the entries of one block table that tensor operations write, however they are written: an indexed
+    write (table[rows, columns] = blocks) counts its indices, any other in-place operation on the table or a view
+    of it (table[r, c] = b, a slice assigned, zero_()) counts the elements of what it writes into."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.storage, self.written = table.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        first = func._schema.arguments[0] if func._schema.arguments else None
+        writes = first is not None and first.alias_info is not None and first.alias_info.is_write
+        if writes and target is not None and target.untyped_storage().data_ptr() == self.storage:
+            if func is torch.ops.aten.index_put_.default:
+                self.written += torch.broadcast_tensors(*[i for i in args[1] if i is not None])[0].numel()
+            else:
+                self.written += target.numel()
+        return func(*args, **(kwargs or {}))
+
+
+@graded
+def test_block_tables_writes_each_block_handed_out_once(learner):
+    manager = new_manager(learner, 12, 4, num_requests=3, max_blocks_per_request=5)
+    # What is done between two calls of block_tables, and how many slots of the table it hands a block to: the
+    # entries the second call (or the verbs before it) must write, and no more, from the verbs' token counts.
+    steps = [
+        ("allocate(0, 9) and allocate(1, 2)", lambda: (manager.allocate(0, 9), manager.allocate(1, 2)), 3 + 1),
+        ("nothing", lambda: None, 0),
+        ("append_block(1) and append_block(0)", lambda: (manager.append_block(1), manager.append_block(0)), 2),
+        ("nothing", lambda: None, 0),
+        ("free(0) and allocate(0, 5)", lambda: (manager.free(0), manager.allocate(0, 5)), 2),
+        ("allocate(2, 4), free(2) and allocate(2, 8)",  # slot (2, 0) twice: only its latest block is written
+         lambda: (manager.allocate(2, 4), manager.free(2), manager.allocate(2, 8)), 2),
+        ("nothing", lambda: None, 0),
+    ]
+    for call, (done, verbs, want) in enumerate(steps, 1):
+        with TableWrites(manager.block_table) as writes:
+            verbs()
+            manager.block_tables(torch.tensor([0, 1, 2]), 3)
+        assert writes.written == want, (
+            f"after {done}, block_tables (call {call}) wrote {count(writes.written, 'slot')} of block_table, but "
+            f"{count(want, 'slot')} got a block since the call before: each block handed out is written into the "
+            f"table once, when it is new. " + ("Did you clear new_entries after writing them? Entries left there are "
+                                               "written again at every call" if writes.written > want else
+                                               "append_block notes each new block in new_entries, for block_tables "
+                                               "to write"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole loop: generate() on the toy model, which checks every cache read.
 
@@ -255,20 +308,64 @@ def check_pool(manager):
                        f"go of must go back to free_blocks")
 
 
+def check_blocks_held(manager, rows, tokens, cache_seqlens):
+    """At a model call, each request holds exactly the blocks of the tokens cached once this step's decode has
+    run: for a prefill of n tokens, room for n + 1 (the token it makes is written by the decode that follows); for
+    a decode with c tokens cached, room for c + 1 (it writes the newest, at position c). Fewer: a block taken
+    late; more: a block taken early. rows: the requests of the batch, in its order."""
+    size = manager.block_size
+    for b, req_id in enumerate(rows):
+        cached, new = int(cache_seqlens[b]), tokens.shape[1]
+        held = len(manager.blocks.get(req_id) or [])
+        if cached == 0:  # a prefill of the whole request
+            want = math.ceil((new + 1) / size)
+            assert held == want, (
+                f"request {req_id} is prefilled with its {new} tokens, and this step's decode writes the token its "
+                f"prefill makes: it needs room for {new} + 1 tokens, {count(want, 'block')} of {size} (the + 1 at "
+                f"admission), but holds {held}. allocate(req_id, num_tokens) should give it blocks_for(num_tokens)")
+            continue
+        want = math.ceil((cached + 1) / size)
+        situation = (f"request {req_id} has {count(cached, 'token')} cached, and this decode step writes the K and V "
+                     f"of its newest, at position {cached}: {cached + 1} tokens, {count(want, 'block')} of {size}. ")
+        assert held <= want, (
+            situation + f"It holds {held}: a block was taken a step before it was needed. In step 1 (grow), ask "
+            f"manager.needs_block(r.id, len(r.tokens)): the newest token is not cached yet, so a request needs room "
+            f"for len(r.tokens) tokens, not len(r.tokens) + 1 (the + 1 is admission's, for the token a prefill adds)")
+        assert held == want, (
+            situation + f"It holds only {held}, room for {held * size}: its block comes too late, and the decode "
+            f"writes into a slot it does not hold. In step 1 (grow), every running request r for which "
+            f"manager.needs_block(r.id, len(r.tokens)) is true must get append_block before the decode")
+
+
 def run_loop(learner, spec, block_size, num_blocks, max_seq_len, monkeypatch):
     """The learner's generate() on the toy model. Checks the pool at every model call. Returns the requests, the
     stats, the requests prefilled in order (twice: preempted, then recomputed), the manager and the model calls."""
     args = learner.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size)])
     manager = learner.KVCacheManager(num_blocks, block_size, len(spec), math.ceil(max_seq_len / block_size), "cpu")
     prefilled, calls = [], []  # the request of each prefill, in order; "prefill" or "decode" for each model call
+    rows, block_tables = [], manager.block_tables  # the rows of the batch, as the loop last asked for their tables
+
+    def recording_block_tables(batch_rows, width):
+        rows[:] = batch_rows.tolist()
+        return block_tables(batch_rows, width)
 
     def watching_forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
         check_pool(manager)
+        check_blocks_held(manager, rows, tokens, cache_seqlens)
         if int(cache_seqlens.max()) == 0:  # a prefill: nothing cached yet. A decode step has cached tokens
             prefilled.append(int(tokens[0, 0]))
         calls.append("prefill" if int(cache_seqlens.max()) == 0 else "decode")
-        return toy_forward(model, tokens, cache_seqlens, kv_cache, block_table, cache_batch_idx)
+        try:
+            return toy_forward(model, tokens, cache_seqlens, kv_cache, block_table, cache_batch_idx)
+        except AssertionError as e:
+            if "never written" not in str(e):
+                raise
+            raise AssertionError(f"{e}: the table sends a token to a slot its K and V never went to. A block handed "
+                                 f"out after the step that writes into it (step 1's needs_block count, or the + 1 at "
+                                 f"admission), or a row of block_tables that does not list the request's blocks in "
+                                 f"order") from e
 
+    manager.block_tables = recording_block_tables
     pin_cpu_path(monkeypatch, learner)
     monkeypatch.setattr(learner, "forward", watching_forward)
     requests = [learner.Request(i, list(p), g, list(p)) for i, (p, g) in enumerate(spec)]
@@ -359,11 +456,11 @@ TIGHT_BUDGET = 192  # tokens: 12 blocks of 16, where the 4 requests hold 8 + 7 +
 NAIVE_TOKENS = {}
 
 
-def run_main(module, ckpt, tmp_path, *options):
+def run_main(module, ckpt, tmp_path, *options, n=N, max_seq_len=MAX_SEQ_LEN):
     out = tmp_path / f"{module.__name__}.json"
     with asked_about_a_request_gone():
-        module.main([str(N), "--ckpt-dir", str(ckpt), "--prompts", str(PROMPTS), "--ref-lengths", "--max-seq-len",
-                     str(MAX_SEQ_LEN), "--quiet", "--json", str(out), *options])
+        module.main([str(n), "--ckpt-dir", str(ckpt), "--prompts", str(PROMPTS), "--ref-lengths", "--max-seq-len",
+                     str(max_seq_len), "--quiet", "--json", str(out), *options])
     data = json.loads(out.read_text())
     return [r["generated_ids"] for r in data["requests"]], data["stats"]
 
@@ -399,6 +496,44 @@ def test_same_tokens_as_llama3_naive_when_preempted(learner, tiny_ckpt, tmp_path
                       f"in {TIGHT_BUDGET // 16} blocks of 16 tokens, where requests are preempted and recomputed")
     assert stats["preemptions"] > 0, (f"{TIGHT_BUDGET // 16} blocks of 16 tokens cannot hold the 4 requests at "
                                       f"once: some must be preempted, but stats['preemptions'] is 0")
+
+
+@graded
+def test_a_request_that_fills_the_pool_exactly_finishes(learner, tiny_ckpt, tmp_path, monkeypatch):
+    pin_cpu_path(monkeypatch, learner)
+    tokenizer = learner.load_tokenizer(Path(tiny_ckpt) / "tokenizer.model")
+    (text, ref_length), = learner.load_prompts(PROMPTS, 1, tokenizer)
+    prompt = len(learner.encode_chat(tokenizer, text))
+    # Blocks of 16. The first prompt is admitted with room for its tokens + 1, grows by one block, and ends at
+    # --max-seq-len with all but its last token cached (the last is never written): a whole number of blocks.
+    size = 16
+    blocks = math.ceil((prompt + 1) / size) + 1
+    max_seq_len = blocks * size + 1
+    assert prompt + ref_length >= max_seq_len, "the test expects the request to end at --max-seq-len"
+    cached = f"request 0 ({prompt} prompt tokens) ends at --max-seq-len {max_seq_len}, with {max_seq_len - 1} tokens " \
+             f"cached (its last is never written): {blocks} blocks of {size}"
+    stopped = None
+    try:
+        got, stats = run_main(learner, tiny_ckpt, tmp_path, "--block-size", str(size), "--kv-budget-tokens",
+                              str(blocks * size), n=1, max_seq_len=max_seq_len)
+    except SystemExit as e:
+        stopped = e.code
+    if stopped is not None:
+        pytest.fail(f"{cached}, exactly the pool, yet the run stopped: {stopped}. A block was taken before it "
+                    f"was needed: in step 1 (grow), ask manager.needs_block(r.id, len(r.tokens)); the newest token is "
+                    f"not cached yet, and this step's decode writes it at position len(r.tokens) - 1, so a request "
+                    f"needs room for len(r.tokens) tokens, not len(r.tokens) + 1", pytrace=False)
+    assert len(got[0]) == max_seq_len - prompt and stats["peak_reserved_tokens"] == blocks * size, \
+        f"{cached}; it generated {len(got[0])} tokens and held at most {stats['peak_reserved_tokens']} tokens' blocks"
+    with pytest.raises(SystemExit) as stopped:  # one block fewer cannot hold it: one line, and the run stops
+        run_main(learner, tiny_ckpt, tmp_path, "--block-size", str(size), "--kv-budget-tokens",
+                 str((blocks - 1) * size), n=1, max_seq_len=max_seq_len)
+        pytest.fail(f"{cached}: in {blocks - 1} the run must stop with one line, but it finished. Its blocks came too "
+                    f"late, and it wrote into slots it does not hold: in step 1 (grow), every running request r for "
+                    f"which manager.needs_block(r.id, len(r.tokens)) is true gets append_block, or preempts",
+                    pytrace=False)
+    assert "cannot hold request 0" in str(stopped.value.code), \
+        f"{cached}: in {blocks - 1} the run should stop with 'cannot hold request 0', got {stopped.value.code!r}"
 
 
 # ---------------------------------------------------------------------------------------------

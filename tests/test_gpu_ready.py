@@ -206,4 +206,26 @@ def test_progress_line_on_a_terminal(script, unit, tiny_ckpt):
     assert steps[0].startswith("decode step 1: 3 running")
     assert "3 of 3 finished" in steps[-1] and terminal.endswith("\n"), "the last line says all finished, then ends"
     assert f"=== {script} ===" in stdout and "\rdecode step" not in stdout
+    # What a terminal shows after each rewrite is that step's line alone, never the end of a longer one before it.
+    shown, shorter = "", 0
+    for line, before in zip(steps[1:], steps):
+        shown = on_screen(shown, line)
+        shorter += len(line) < len(before)
+        assert shown == line.removesuffix("\x1b[K").rstrip("\n"), f"{shown!r} on screen after {line!r}"
+    if "paged" in script:  # requests wait there, and "12 waiting" becomes "9 waiting"
+        assert shorter, "no line was shorter than the one before: nothing here could be left on screen"
+
+
+def on_screen(screen, text):
+    """The one line a terminal shows after `text` (after a \\r) is written over `screen`: characters overwrite
+    from the start, and ESC [ K erases from the cursor to the end of the line."""
+    line, cursor, text = list(screen), 0, text.split("\n")[0]
+    while text:
+        if text.startswith("\x1b[K"):
+            del line[cursor:]
+            text = text[3:]
+            continue
+        line[cursor:cursor + 1] = [text[0]]
+        cursor, text = cursor + 1, text[1:]
+    return "".join(line)
     # Where stderr is not a terminal, nothing: tests/test_scripts.py's runs check that their stderr is empty.

@@ -295,6 +295,51 @@ def test_preemption_takes_the_newest_running_request(seed, monkeypatch):
     run_paged(paged, spec, block_size, num_blocks, max_seq_len, monkeypatch)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_step_that_preempts_admits_no_one(seed, monkeypatch):
+    """With no rule for it in the loop: once a request is preempted, none is admitted before the next decode step,
+    since the head of the queue is then the request just preempted, and fewer blocks are free than it held."""
+    rng, block_size, max_seq_len, num_blocks = random_case(seed + 200)
+    spec = random_workload(rng, max_seq_len)
+    requests, preempted = {}, []  # preempted: the requests preempted since the last decode step
+    real_free, real_allocate, real_batch_inputs, real_generate = (paged.KVCacheManager.free,
+                                                                  paged.KVCacheManager.allocate, paged.batch_inputs,
+                                                                  paged.generate)
+
+    def free(self, req_id):
+        if not requests[req_id].done:
+            preempted.append(req_id)
+        real_free(self, req_id)
+
+    def allocate(self, req_id, num_tokens):
+        assert not preempted, f"request {req_id} admitted in the step that preempted {preempted}"
+        return real_allocate(self, req_id, num_tokens)
+
+    def batch_inputs(batch):  # the decode step's inputs
+        preempted.clear()
+        return real_batch_inputs(batch)
+
+    def generate(model, reqs, *rest):
+        requests.update({r.id: r for r in reqs})
+        return real_generate(model, reqs, *rest)
+
+    for name, value in (("free", free), ("allocate", allocate)):
+        monkeypatch.setattr(paged.KVCacheManager, name, value)
+    monkeypatch.setattr(paged, "batch_inputs", batch_inputs)
+    monkeypatch.setattr(paged, "generate", generate)
+    _, stats = run_paged(paged, spec, block_size, num_blocks, max_seq_len, monkeypatch)
+    PREEMPTED_HERE[seed] = stats["preemptions"]
+
+
+PREEMPTED_HERE = {}  # seed -> preemptions in the test above
+
+
+def test_the_admission_test_sees_preemptions():
+    if len(PREEMPTED_HERE) < 20:
+        pytest.skip("needs every test_a_step_that_preempts_admits_no_one case to run first")
+    assert sum(n > 0 for n in PREEMPTED_HERE.values()) >= 8, PREEMPTED_HERE
+
+
 def test_a_request_that_outgrows_the_pool_gets_one_line(monkeypatch):
     """A request that outgrows the whole pool preempts itself, and generate() stops with a one-line error."""
     with pytest.raises(SystemExit, match="cannot hold request 0, which needs 4"):

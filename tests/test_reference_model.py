@@ -13,7 +13,9 @@ cache layouts the kernel reads (contiguous rows at cache_batch_idx; a paged pool
 The last tests plant bugs in the scripts' model (in-process, with monkeypatch) and check that the same
 comparison then fails by far more than MAX_LOGIT_DIFF: the oracle is sensitive to what it is meant to catch.
 """
+import inspect
 import json
+import math
 from pathlib import Path
 
 import make_checkpoint
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 try:
     import fairscale.nn.model_parallel.initialize as fs_init
+    import llama_models.llama3.model as meta_model
     from llama_models.llama3.args import ModelArgs
     from llama_models.llama3.model import Transformer
 except ImportError as e:  # fail loudly: a skipped oracle checks nothing
@@ -35,8 +38,8 @@ from load_scripts import load_script
 ROOT = Path(__file__).resolve().parent.parent
 
 # Largest |script logit - Meta logit| allowed, float32 on CPU. Measured (torch 2.13, x86 CPU), over prefill and
-# decode in both layouts: 1.8e-6 for "tiny", 9.7e-6 for "llama3-gqa4-untied" (its untied output layer gives
-# logits 4x wider), 1.9e-6 for "mha-theta1e4";
+# decode in both layouts: 2.1e-6 for "tiny", 9.7e-6 for "llama3-gqa4-untied" (its untied output layer gives
+# logits 4x wider), 1.8e-6 for "mha-theta1e4";
 # the scripts compute RoPE angles in float64 and Meta in float32, and the sums run in other orders. Planted bugs
 # (wrong RoPE direction, pairing, scaling or theta; GQA mapping; RMSNorm eps; causal mask; softmax scale; ...)
 # give at least 1e-2 and mostly 0.1 to 7. So the bound is ~10x the largest difference seen, 100x below the least bug.
@@ -47,10 +50,11 @@ SCRIPT_OF = {"contiguous": "naive", "paged": "paged"}  # each script's attention
 MAX_SEQ_LEN = 512  # of the caches and RoPE tables (Meta's freqs_cis covers twice this)
 
 # Three checkpoints. "tiny" is tools/make_checkpoint.py's preset as shipped: Llama 3.1-style scaled RoPE,
-# grouped-query attention (4 query heads on 2 KV heads), tied output like Llama 3.2 1B/3B. The other two are
-# written here, in the same format, and differ from it in every way the model code branches or indexes on.
-# Their seeds give greedy runs with no near-tie (top two logits at least 1e-3 apart at every step) and few
-# repeated tokens.
+# grouped-query attention (4 query heads on 2 KV heads), tied output like Llama 3.2 1B/3B (and so, like theirs, RoPE
+# scaled 32x). The other two are written here, in the same format, and differ from it in every way the model code
+# branches or indexes on.
+# Their seeds give greedy runs with no near-tie (top two logits at least 1e-4 apart at every step, 50x the
+# largest logit difference) and few repeated tokens.
 CONFIGS = {
     "tiny": None,
     # Llama 3 (3.0) style, as Llama-3-8B: unscaled RoPE, untied output.weight, ffn_dim_multiplier; 8 query
@@ -135,6 +139,15 @@ def prompts(tiny_ckpt):
     return long, short
 
 
+def meta_apply_scaling(scale_factor):
+    """Meta's apply_scaling, its own code, with the factor it hard-codes (8) replaced by scale_factor."""
+    source = inspect.getsource(meta_model.apply_scaling)
+    assert source.count("scale_factor = 8\n") == 1, "Meta's apply_scaling no longer hard-codes 8: see how it scales"
+    namespace = dict(vars(meta_model))
+    exec(source.replace("scale_factor = 8\n", f"scale_factor = {scale_factor}\n"), namespace)
+    return namespace["apply_scaling"]
+
+
 class Reference:
     """Meta's Transformer on one checkpoint, in float32, and its greedy runs (cached per prompt)."""
 
@@ -142,9 +155,15 @@ class Reference:
         params = json.loads((ckpt_dir / "params.json").read_text())
         weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
         weights = {name: w.float() for name, w in weights.items()}
+        # Llama 3.2 1B and 3B (the tied checkpoints) were trained with RoPE scaled 32x, as their config.json says
+        # and Meta's maintainers confirmed (meta-llama/llama-models issue #166), but Meta's apply_scaling hard-codes
+        # 8: for a tied checkpoint the table Meta's model builds at construction uses its formula with 32.
+        scale_factor = 8 if "output.weight" in weights else 32
         # Meta's model always has an output layer; a tied checkpoint's is the embedding matrix.
         weights.setdefault("output.weight", weights["tok_embeddings.weight"])
-        self.model = Transformer(ModelArgs(**params, max_batch_size=1, max_seq_len=MAX_SEQ_LEN))
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(meta_model, "apply_scaling", meta_apply_scaling(scale_factor))
+            self.model = Transformer(ModelArgs(**params, max_batch_size=1, max_seq_len=MAX_SEQ_LEN))
         self.model.load_state_dict(weights, strict=True)
         assert all(p.dtype == torch.float32 for p in self.model.parameters())
         self.runs = {}
@@ -316,6 +335,69 @@ def test_every_script_matches_meta(script, reference, script_model, prompts):
 
 
 # ---------------------------------------------------------------------------------------------
+# RoPE's scale factor, which params.json does not give: 32 for Llama 3.2 1B and 3B (their config.json says so), the
+# only Llama 3 models with a tied output layer; 8 for Llama 3.1 and the rest. Meta's apply_scaling hard-codes 8, so
+# here the oracle is the published formula, written out below.
+
+# name -> (tools/make_checkpoint.py preset it is made from, small, with these params changed; the factor it was
+# trained with)
+ROPE_CHECKPOINTS = {"llama-3.2-1b": ("1b", {}, 32),
+                    "llama-3.1-8b": ("8b", {"use_scaled_rope": True}, 8)}  # Llama 3 8B's shape, scaled RoPE
+
+
+def published_rope_frequencies(head_dim, theta, factor):
+    """Llama 3.1's RoPE frequencies as published (low_freq_factor 1, high_freq_factor 4, original context 8192
+    tokens), one at a time in float64: wavelengths under 8192 / 4 kept, over 8192 / 1 slowed `factor` times,
+    linearly blended in 1 / wavelength between."""
+    freqs = []
+    for i in range(0, head_dim, 2):
+        freq = theta ** (-i / head_dim)
+        wavelength = 2 * math.pi / freq
+        if wavelength < 8192 / 4:
+            freqs.append(freq)
+        elif wavelength > 8192 / 1:
+            freqs.append(freq / factor)
+        else:
+            smooth = (8192 / wavelength - 1) / (4 - 1)
+            freqs.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(freqs, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def rope_checkpoints(tmp_path_factory):
+    """name -> (checkpoint directory, head_dim, rope_theta): one layer and a small vocabulary, the preset's head_dim,
+    rope_theta, tied or untied output and use_scaled_rope (as changed in ROPE_CHECKPOINTS)."""
+    made = {}
+    for name, (preset, changes, _) in ROPE_CHECKPOINTS.items():
+        spec = make_checkpoint.PRESETS[preset]
+        head_dim = spec["params"]["dim"] // spec["params"]["n_heads"]
+        params = dict(spec["params"], **changes, dim=2 * head_dim, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=256,
+                      multiple_of=32, ffn_dim_multiplier=None)
+        out = tmp_path_factory.mktemp(name)
+        make_checkpoint.write_checkpoint(str(out), preset=dict(spec, params=params))
+        made[name] = out, head_dim, params["rope_theta"]
+    return made
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("checkpoint", ROPE_CHECKPOINTS)
+def test_rope_scale_factor_follows_the_checkpoint(checkpoint, script, rope_checkpoints):
+    """Every script, through its own load_model and rope_tables, rotates a Llama 3.2 1B-like checkpoint (tied
+    output) with the factor 32 and a Llama 3.1-like one (untied) with 8: cos and sin of every angle to 8192
+    tokens, against the published formula with that factor."""
+    ckpt_dir, head_dim, theta = rope_checkpoints[checkpoint]
+    factor = ROPE_CHECKPOINTS[checkpoint][2]
+    mod = load_script(script)
+    cos, sin = mod.rope_tables(mod.load_model(ckpt_dir), 8192)
+    off = {}  # factor -> largest |cos or sin difference| from the formula with that factor
+    for f in (8, 32):
+        angles = torch.outer(torch.arange(8192, dtype=torch.float64), published_rope_frequencies(head_dim, theta, f))
+        off[f] = max((cos.double() - angles.cos()).abs().max().item(), (sin.double() - angles.sin()).abs().max().item())
+    assert off[factor] < 1e-6, f"{checkpoint}: tables off the factor-{factor} formula's by {off}"
+    assert min(off.values()) < 0.1 < max(off.values()), f"the two factors' tables should differ plainly: {off}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Planted bugs: each must move the logits far past MAX_LOGIT_DIFF, so the tests above would fail.
 
 def rope_reversed(mod):
@@ -368,6 +450,8 @@ PLANTS = {"rope-reversed": rope_reversed, "rope-halves": rope_halves, "gqa-modul
 MODEL_PLANTS = {
     "rope-scaling-dropped": ("tiny", lambda model: model.update(use_scaled_rope=False)),
     "rope-scaling-added": ("llama3-gqa4-untied", lambda model: model.update(use_scaled_rope=True)),
+    # The same output weights, but no longer the embedding tensor itself: rope_tables then takes 8 for 32.
+    "rope-scale-8-when-tied": ("tiny", lambda model: model.update(output=model["output"].clone())),
     "rope-theta-1e4": ("tiny", lambda model: model.update(rope_theta=10000.0)),
     "output-tied-wrongly": ("llama3-gqa4-untied", lambda model: model.update(output=model["tok_embeddings"])),
     "norms-swapped": ("llama3-gqa4-untied", lambda model: [layer.update(attention_norm=layer["ffn_norm"],

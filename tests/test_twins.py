@@ -11,7 +11,7 @@ SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py", "lla
            "llama3-paged-beams.py"]
 # Top-level definitions identical in all three scripts.
 SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
-          "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
+          "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "row_chunks", "attend",
           "choose_kernel", "attention", "append_token", "gpu_budget_tokens", "allocate_kv", "batch_inputs",
           "record_memory", "report"]
 
@@ -45,7 +45,7 @@ def test_the_paged_scripts_read_the_block_table_alike():
         assert definitions(script)["attention_torch"] == definitions(SCRIPTS[1])["attention_torch"], script
     naive, paged = definitions(SCRIPTS[0])["attention_torch"], definitions(SCRIPTS[1])["attention_torch"]
     assert "cache_batch_idx.long()" in naive and "block_table" not in naive.split('"""')[-1]
-    assert "block_table.long()" in paged and "cache_batch_idx" not in paged.split('"""')[-1]
+    assert "block_table[start:end" in paged and "cache_batch_idx" not in paged.split('"""')[-1]
 
 
 def test_request_is_identical_in_naive_and_paged():

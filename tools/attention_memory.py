@@ -1,6 +1,8 @@
-"""The most memory the scripts' PyTorch attention (attention_torch) holds in one call at Llama-3-8B's shape (32
-query heads, 8 KV heads of 128, bf16), counted on the CPU as it would be on a GPU by tools/memory_tally.py: every
-tensor the call's operators make, while it lives, its output included; not the cache or the inputs.
+"""What the scripts' PyTorch attention (attention_torch) costs in one call at Llama-3-8B's shape (32 query heads, 8
+KV heads of 128, bf16), counted on the CPU as it would be on a GPU by tools/memory_tally.py: the operators that would
+each launch a kernel (all but views), the keys it reads from the cache against the keys its rows hold, and the most
+memory it holds at once (every tensor the call's operators make, while it lives, its output included; not the cache
+or the inputs).
 
 Four calls:
   paged decode   llama3-paged.py's widest decode step at the README's largest batch: the first 307 shipped prompts
@@ -27,7 +29,7 @@ import torch
 
 from cli import ArgumentParser, fail, log, print_table, run_main
 from machine import machine
-from memory_tally import MemoryTally
+from memory_tally import LaunchCount, MemoryTally
 from replay import replay
 from scripts import ROOT, prompt_lengths
 
@@ -94,13 +96,22 @@ def cases(widest=None):
 
 def peak_bytes(attention_torch, arguments, sdpa_math=False):
     """The most bytes one call holds at once (its output included), counted as on a GPU."""
+    return costs(attention_torch, arguments, sdpa_math)["peak_bytes"]
+
+
+def costs(attention_torch, arguments, sdpa_math=False):
+    """One call's peak bytes, its kernel-launching operators, and the keys it reads from k_cache against the keys
+    its rows hold (cache_seqlens plus the new tokens), counted as on a GPU."""
     math_only = nullcontext()
     if sdpa_math:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         math_only = sdpa_kernel([SDPBackend.MATH])
-    with math_only, MemoryTally(skip_compute=True) as tally:
+    k_cache = arguments["k_cache"]
+    with math_only, MemoryTally(skip_compute=True) as tally, LaunchCount(k_cache) as count:
         attention_torch(**arguments, causal=True)
-    return tally.peak
+    held = int((arguments["cache_seqlens"] + arguments["q"].shape[1]).sum())
+    return {"peak_bytes": tally.peak, "launches": count.launches, "host_reads": count.host_reads,
+            "keys_read": count.elements_read_from[0] // k_cache[0, 0].numel(), "keys_held": held}
 
 
 def main():
@@ -125,10 +136,12 @@ def main():
         else:
             shape = f"{arguments['q'].shape[0]} rows x {arguments['q'].shape[1]} new of {LONGEST} keys"
         log(f"{name}: {shape}")
-        peak = peak_bytes(modules[layout].attention_torch, arguments, args.sdpa_math)
-        rows.append((name, shape, f"{peak / 2**20:,.0f}", f"{peak / 1e6:,.0f}"))
+        cost = costs(modules[layout].attention_torch, arguments, args.sdpa_math)
+        rows.append((name, shape, f"{cost['launches']:,}", f"{cost['keys_read']:,}", f"{cost['keys_held']:,}",
+                     f"{cost['keys_read'] / cost['keys_held']:.2f}", f"{cost['peak_bytes'] / 2**20:,.0f}",
+                     f"{cost['peak_bytes'] / 1e6:,.0f}"))
     print(f"# {machine()}; scripts from {args.scripts}{', SDPA math kernel' if args.sdpa_math else ''}")
-    print_table(["call", "shape", "peak MiB", "peak MB"], rows)
+    print_table(["call", "shape", "operators", "keys read", "keys held", "read/held", "peak MiB", "peak MB"], rows)
 
 
 if __name__ == "__main__":

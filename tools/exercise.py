@@ -6,9 +6,10 @@
 The copy is llama3-paged.py as it is now, but the bodies of KVCacheManager's methods (all but __init__; their
 docstrings stay) and the code of the generation loop's grow and free steps (their numbered comments stay) are
 each one line: raise NotImplementedError with a hint. Everything else (the model, the kernel, admission,
-prefill, decode, the report) is there and works. Fill in the holes in the order of the tests: blocks_for,
-can_allocate, allocate, needs_block, append_block, free, block_tables, then the two steps of the loop. Each
-test says what it expected; without --script the same tests grade the shipped llama3-paged.py.
+prefill, decode, the report) is there and works. Fill in the holes in the order of the tests, which the copy's
+first lines give: blocks_for, can_allocate, needs_block, append_block, allocate (which takes its blocks with
+append_block), free, block_tables, then the two steps of the loop. Each test says what it expected; without
+--script the same tests grade the shipped llama3-paged.py.
 
 The holes are found in llama3-paged.py's syntax tree (the class, its methods, the loop's "# 1. Grow",
 "# 2. Admit" and "# 5. Free" comments), so the copy follows the script as it changes.
@@ -25,30 +26,36 @@ from scripts import SCRIPTS
 SOURCE = SCRIPTS["paged"]
 DEFAULT_OUT = "my-llama3-paged.py"
 
-# One hint per hole, in the order the tests take them.
+# One hint per hole, in the order the tests take them (each test needs only the holes before it).
 METHOD_HINTS = {
     "blocks_for": "return how many blocks num_tokens tokens take: num_tokens / block_size, rounded up",
     "can_allocate": "return True if enough blocks are free to hold a new request's num_tokens tokens",
-    "allocate": "give request req_id the blocks that num_tokens tokens take (append_block takes one), "
-                "then return its row of the block table: its id",
     "needs_block": "return True if num_tokens tokens no longer fit in the blocks request req_id holds",
     "append_block": "take a free block, put it at the end of request req_id's blocks, and note in "
                     "new_entries[(row, column)] where block_tables must write it",
+    "allocate": "give request req_id the blocks that num_tokens tokens take, one append_block each, "
+                "then return its row of the block table: its id",
     "free": "put all of request req_id's blocks back in free_blocks, and forget the request",
-    "block_tables": "write new_entries into self.block_table (then clear them), and return its first width "
-                    "columns for the given rows, in their order",
+    "block_tables": "write new_entries into self.block_table, then clear new_entries (each block handed out is "
+                    "written once, not again at every call), and return its first width columns for the given "
+                    "rows, in their order",
 }
 # The loop's steps: the comment that starts each, the comment that ends it (None: the end of the loop), its hint,
 # and the names the hint mentions (each must be in the step's code, so that the hint stays true).
 STEPS = [
-    ("# 1. Grow", "# 2. Admit", "step 1, grow: every running request that needs_block gets append_block; while "
-     "too few blocks are free, preempt the newest running request (free it, put it back at the head of waiting, "
-     "count stats['preemptions']) and set preempted", ("preempted", "waiting", "running")),
+    ("# 1. Grow", "# 2. Admit", "step 1, grow: every running request r for which manager.needs_block(r.id, "
+     "len(r.tokens)) gets append_block. Count len(r.tokens), not + 1: the newest token is not cached yet, and this "
+     "step's decode writes its K and V at position len(r.tokens) - 1, so r needs room for len(r.tokens) tokens (the "
+     "+ 1 of step 2 is for the token a prefill adds first). While too few blocks are free, preempt the newest "
+     "running request: free it, put it back at the head of waiting, count stats['preemptions']",
+     ("needs_block", "append_block", "len", "tokens", "waiting", "running", "preemptions")),
     ("# 5. Free", None, "step 5, free: give back the blocks of every finished request (req.done), and keep only "
      "the unfinished ones in running", ("running",)),
 ]
 EXERCISE_HEADER = ("# The exercise: llama3-paged.py with its paged cache taken out, written by tools/exercise.py.\n"
-                   "# Replace each raise NotImplementedError, in the order of the tests, and grade it with\n"
+                   "# Replace each raise NotImplementedError in the order of the tests: KVCacheManager's\n"
+                   f"# {', '.join(METHOD_HINTS)}, then generate()'s steps 1 and 5.\n"
+                   "# Grade it with\n"
                    "#     python -m pytest tests/test_exercise.py --script {path}\n")
 
 

@@ -20,14 +20,15 @@ import torch
 from cli import ArgumentParser, fail
 
 PRESETS = {
-    # Tied embeddings like Llama 3.2 1B/3B: no output.weight, saving ~16M params.
+    # Tied embeddings like Llama 3.2 1B/3B: no output.weight, saving ~16M params (and RoPE scaled 32x, as theirs).
     "tiny": dict(tied=True, params=dict(
         dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
         ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)),
     "8b": dict(tied=False, params=dict(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
         ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=False)),
-    # Llama-3.2-1B's shape: 16 layers, FFN 8192, tied output, Llama 3.1's scaled RoPE.
+    # Llama-3.2-1B's shape: 16 layers, FFN 8192, tied output, scaled RoPE; no output.weight makes the scripts
+    # scale RoPE 32x, as Llama 3.2 1B was trained.
     "1b": dict(tied=True, params=dict(
         dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
         ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)),

@@ -81,3 +81,38 @@ class MemoryTally(TorchDispatchMode):
                 if argument.alias_info is not None and argument.alias_info.is_write:
                     return args[i] if i < len(args) else kwargs[argument.name]
         return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=tensors[0].device)
+
+
+class LaunchCount(TorchDispatchMode):
+    """Count the operators a piece of code runs that would each launch a kernel on a GPU: every ATen operator but
+    views and reshapes, which only make a new header for the same memory.
+
+        with LaunchCount(k_cache) as count:
+            attention_torch(...)
+        count.launches, count.host_reads, count.elements_read_from[0]
+
+    host_reads counts the operators that copy a value to the host (item(), int(), bool() of a tensor): on a GPU
+    each waits for the device. (tolist() of a CPU tensor reads its memory without an operator, so it isn't seen
+    here.) For each tensor given, elements_read_from counts the elements that operators other than in-place ones
+    produce from it: what a gather from the KV cache reads."""
+
+    def __init__(self, *watched):
+        super().__init__()
+        self.watched = [t.untyped_storage()._cdata for t in watched]
+        self.launches, self.host_reads, self.elements_read_from = 0, 0, [0] * len(watched)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        returns = func._schema.returns
+        view = len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+        if view or func is torch.ops.aten._unsafe_view.default:
+            return out
+        self.launches += 1
+        self.host_reads += func is torch.ops.aten._local_scalar_dense.default
+        in_place = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+        if isinstance(out, torch.Tensor) and not in_place:
+            read = {s._cdata for s in _storages((args, kwargs))}
+            for i, storage in enumerate(self.watched):
+                self.elements_read_from[i] += out.numel() if storage in read else 0
+        return out
