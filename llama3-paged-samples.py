@@ -46,7 +46,8 @@ def parse_args(argv):
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
     p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original",
-                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s)")
+                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s); "
+                        "use_scaled_rope scales RoPE 32x if it has no output.weight (Llama 3.2 1B, 3B), else 8x")
     p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")),
                    help="ShareGPT-style JSON; each entry's first human turn is a prompt (default: sharegpt-filtered.json)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="most tokens per request, prompt and answer (default 8192)")
@@ -161,9 +162,9 @@ def rope_tables(model, max_seq_len):
     head_dim = model["head_dim"]
     freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if model["use_scaled_rope"]:
-        # Llama 3.1+: slow down the low frequencies 8x so 8192-token training stretches to 128K,
-        # keep the high frequencies, and blend smoothly between wavelengths of 2048 and 8192 tokens.
-        factor, low, high, trained_len = 8.0, 1.0, 4.0, 8192
+        # Llama 3.1+: slow down the low frequencies 8x (32x in Llama 3.2 1B and 3B, the only ones whose output layer
+        # is the embedding) so 8192-token training stretches to 128K; keep the high ones, blend from 2048 to 8192.
+        factor, low, high, trained_len = 32.0 if model["output"] is model["tok_embeddings"] else 8.0, 1.0, 4.0, 8192
         smooth = ((trained_len * freqs / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
         freqs = (1 - smooth) * freqs / factor + smooth * freqs
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
@@ -211,41 +212,57 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
     """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
     seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
-    n_heads, head_dim) attends. A few rows and queries at a time: at Llama-3-8B's shape it holds under 300 MB,
-    output included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
+    n_heads, head_dim) attends, a few rows of similar length at a time: under 300 MB at Llama-3-8B's shape, output
+    included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
     v_cache (num_blocks, block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
-    seqlen = q.shape[1]
+    batch, seqlen, n_heads, head_dim = q.shape
+    block_size, n_kv_heads = k_cache.shape[1:3]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
-    block_size = k_cache.shape[1]
-    blocks = block_table.long().gather(1, positions // block_size)  # physical block of each new token
-    k_cache[blocks, positions % block_size], v_cache[blocks, positions % block_size] = k, v
-    num_keys = block_table.shape[1] * block_size
-    rows = min(len(q), max(1, ATTENTION_CHUNK // (num_keys * k_cache.shape[2] * k_cache.shape[3])))
-    queries = max(1, ATTENTION_CHUNK // (rows * q.shape[2] * num_keys))  # scores: rows x n_heads x queries x keys
+    blocks, offsets = block_table.gather(1, positions // block_size), positions % block_size  # of each new token
+    k_cache[blocks, offsets], v_cache[blocks, offsets] = k, v
     out = torch.empty_like(q)
-    for r in range(0, len(q), rows):
-        table = block_table[r:r + rows].long()  # the blocks of a row, in order, hold its keys
-        keys, values = k_cache[table].flatten(1, 2), v_cache[table].flatten(1, 2)  # (rows, keys, n_kv_heads, head_dim)
-        for i in range(0, seqlen, queries):
-            out[r:r + rows, i:i + queries] = attend(q[r:r + rows, i:i + queries], keys, values,
-                                                    positions[r:r + rows, i:i + queries])
+    by_length, chunks = row_chunks(cache_seqlens, seqlen, block_size, n_kv_heads * head_dim)
+    # (batch, n_kv_heads, group, seqlen, head_dim), rows by length: query head h reads KV head h // group
+    q = q.view(batch, seqlen, n_kv_heads, -1, head_dim).permute(0, 2, 3, 1, 4)[by_length].mul_(head_dim**-0.5)
+    positions, block_table = positions[by_length], block_table[by_length]
+    heads = torch.arange(n_kv_heads, device=q.device)[:, None]  # (n_kv_heads, 1), beside a chunk's (rows, 1, blocks)
+    for start, end, num_keys in chunks:
+        row_blocks = block_table[start:end, None, :num_keys // block_size]  # the blocks of a row hold its keys
+        # (rows, n_kv_heads, num_keys, head_dim): read from the pool seen KV head first, as the matmuls read them
+        keys = k_cache.permute(2, 0, 1, 3)[heads, row_blocks].flatten(2, 3)
+        values = v_cache.permute(2, 0, 1, 3)[heads, row_blocks].flatten(2, 3)
+        attend(q[start:end], keys, values, positions[start:end], out, by_length[start:end])
     return out
 
 
-def attend(q, keys, values, positions):
-    """Causal attention of q (rows, seqlen, n_heads, head_dim) over keys and values (rows, num_keys, n_kv_heads,
-    head_dim). Query i of a row sees keys 0..positions[row, i] (flash-attn's causal mask, aligned to the bottom right),
-    never a slot past the row's length. Query head h reads KV head h // group, without copying it for each head."""
-    rows, seqlen, n_heads, head_dim = q.shape
-    num_keys, n_kv_heads = keys.shape[1:3]
-    group = n_heads // n_kv_heads
-    q = (q * head_dim**-0.5).view(rows, seqlen, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    scores = q.flatten(2, 3) @ keys.permute(0, 2, 3, 1)  # (rows, n_kv_heads, group * seqlen, num_keys)
-    hidden = torch.arange(num_keys, device=q.device) > positions[:, None, None, :, None]  # (rows, 1, 1, seqlen, keys)
-    scores = scores.view(rows, n_kv_heads, group, seqlen, num_keys).masked_fill_(hidden, -math.inf)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-    out = probs.flatten(2, 3) @ values.transpose(1, 2)  # (rows, n_kv_heads, group * seqlen, head_dim)
-    return out.unflatten(2, (group, seqlen)).permute(0, 3, 1, 2, 4).flatten(2, 3)  # (rows, seqlen, n_heads, head_dim)
+def row_chunks(cache_seqlens, seqlen, granule, elements_per_key):
+    """The rows sorted by length (a tensor), and chunks of them: (start, end, num_keys), num_keys its longest row's
+    rounded up to a granule (whole blocks), at most ATTENTION_CHUNK elements of K. Neighbours pad each other little."""
+    num_keys = [-(-(n + seqlen) // granule) * granule for n in cache_seqlens.tolist()]  # the call's one host read
+    order = sorted(range(len(num_keys)), key=num_keys.__getitem__)
+    chunks, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end + 1 - start) * num_keys[order[end]] * elements_per_key > ATTENTION_CHUNK:
+            chunks.append((start, end, num_keys[order[end - 1]]))
+            start = end
+    return torch.tensor(order, device=cache_seqlens.device), chunks
+
+
+def attend(q, keys, values, positions, out, rows):
+    """Causal attention of q (rows, n_kv_heads, group, seqlen, head_dim), scaled, over keys and values (rows,
+    n_kv_heads, num_keys, head_dim), into out (batch, seqlen, n_heads, head_dim) at rows. Query i of a row sees keys
+    0..positions[row, i] (flash-attn's causal mask, aligned to the bottom right), never a slot past the row's length."""
+    num_rows, n_kv_heads, group, seqlen, head_dim = q.shape
+    key_index = torch.arange(keys.shape[2], device=q.device)
+    values.masked_fill_((key_index > positions[:, -1:])[:, None, :, None], 0)  # whatever they held: 0 * inf is NaN
+    out = out.view(len(out), seqlen, n_kv_heads, group, head_dim)
+    queries = max(1, ATTENTION_CHUNK // (num_rows * n_kv_heads * group * len(key_index)))  # scores this many at a time
+    for i in range(0, seqlen, queries):
+        scores = q[:, :, :, i:i + queries].flatten(2, 3) @ keys.transpose(2, 3)  # (rows, n_kv_heads, group * queries, keys)
+        hidden = key_index > positions[:, None, None, i:i + queries, None]  # (rows, 1, 1, queries, keys)
+        probs = torch.softmax(scores.unflatten(2, (group, -1)).masked_fill_(hidden, -math.inf), dim=-1)  # float32 inside
+        part = (probs.flatten(2, 3) @ values).unflatten(2, (group, -1))  # (rows, n_kv_heads, group, queries, head_dim)
+        out[:, i:i + queries].index_copy_(0, rows, part.permute(0, 3, 1, 2, 4))
 
 
 def choose_kernel(flash_attn, capability):
@@ -456,10 +473,10 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
     while waiting or running:
         start = time.perf_counter()
         # 1. Grow: a request whose newest token starts a new block gets one now, since this step's decode writes that
-        #    token's K and V, and one whose newest token goes into a block it shares gets a copy of it. Oldest first:
-        #    while no block is free, the newest request is preempted: it lets go of its blocks and waits, to be
-        #    recomputed from its tokens. Each one preempted is newer than every request served before it, so no
-        #    block handed out here is taken back in the same step.
+        #    token's K and V, at position len(r.tokens) - 1 (room for len(r.tokens) tokens, no + 1), and one whose
+        #    newest token goes into a block it shares gets a copy of it. Oldest first: while no block is free, the
+        #    newest request is preempted: it lets go of its blocks and waits, to be recomputed. Each one preempted is
+        #    newer than every request served before it, so no block handed out here is taken back in the same step.
         preempted = set()  # ids
         for req in list(running):
             while (req.id not in preempted and not manager.free_blocks
@@ -478,10 +495,11 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
                 for cache in kv_cache:  # (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
                     cache[:, copy] = cache[:, original]  # int indices: a view copied into a view, no temporary
                 stats["cow_copies"] += 1
-        # 2. Admit waiting requests, first come first served, while the tokens they must hold fit (tokens_to_hold);
-        #    not right after a preemption, which would take back the blocks just freed.
+        # 2. Admit waiting requests, first come first served, while the tokens they must hold fit (tokens_to_hold).
+        #    After a preemption the head of waiting is the request just preempted, and fewer blocks are free than it
+        #    held: no one is admitted.
         admitted = []
-        while waiting and not preempted and manager.can_allocate(tokens_to_hold(waiting[0], args)):
+        while waiting and manager.can_allocate(tokens_to_hold(waiting[0], args)):
             req = waiting.popleft()
             req.cache_row = manager.allocate(req.id, tokens_to_hold(req, args))
             admitted.append(req)
@@ -556,8 +574,8 @@ def record_memory(stats, reserved_tokens, used_tokens, progress):  # after each 
     stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
     if used_tokens > stats["peak_used_tokens"]:
         stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
-    if sys.stderr.isatty():  # one line, rewritten in place, to watch the batch grow and shrink (in a log, nothing)
-        print(f"\rdecode step {stats['decode_steps']}: {progress}", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():  # one line, rewritten in place (\033[K clears the rest), to watch the batch grow and shrink
+        print(f"\rdecode step {stats['decode_steps']}: {progress}\033[K", end="", file=sys.stderr, flush=True)
 
 
 def report(stats, name):
