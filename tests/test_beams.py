@@ -237,19 +237,20 @@ def test_fork_at_a_block_boundary_shares_only_full_blocks():
 
 
 def test_rows_of_the_block_table_are_handed_out_and_taken_back():
-    """Two rows for beams that come and go, each with a new id: a dropped beam's row goes to the next fork, whose
-    blocks overwrite the entries there, and block_tables() reads each beam's own blocks through its row."""
+    """The README's beams example. Two rows for beams that come and go, each with a new id: a dropped beam's row
+    goes to the next fork, whose blocks overwrite the entries there, and block_tables() reads each beam's own blocks
+    through its row."""
     m = beams.KVCacheManager(num_blocks=8, block_size=4, num_rows=2, max_blocks_per_request=3, device="cpu")
     assert m.allocate(10, 5) == 0 and m.fork(10, 11) == 1 and not m.free_rows
-    full, partial = m.blocks[10]
-    assert m.needs_copy(11, 6)
-    copy, original = m.copy_on_write(11)  # beam 11 writes its 6th token into a copy of its own
-    assert original == partial and m.blocks[11] == [full, copy]
-    assert m.block_tables(torch.tensor([0, 1]), 2).tolist() == [[full, partial], [full, copy]]
-    m.free(11)  # dropped: its copy goes back, and its row
-    assert list(m.free_rows) == [1] and copy in m.free_blocks and (m.shared_blocks, m.saved_blocks) == (0, 0)
-    assert m.fork(10, 12) == 1 and m.blocks[12] == [full, partial]
-    assert m.block_tables(torch.tensor([1, 0]), 2).tolist() == [[full, partial]] * 2, "row 1 holds beam 12's blocks"
+    a, b = m.blocks[10]
+    assert m.ref_count[a] == m.ref_count[b] == 2 and m.needs_copy(10, 6) and m.needs_copy(11, 6)
+    c, original = m.copy_on_write(10)  # oldest first, as the grow step asks: 10 gets a copy, 11 keeps b
+    assert original == b and m.blocks == {10: [a, c], 11: [a, b]} and not m.needs_copy(11, 6)
+    assert m.block_tables(torch.tensor([0, 1]), 2).tolist() == [[a, c], [a, b]]
+    m.free(11)  # dropped: b, which only it held, goes back, and so does its row
+    assert list(m.free_rows) == [1] and b in m.free_blocks and m.ref_count[a] == 1 and m.saved_blocks == 0
+    assert m.fork(10, 12) == 1 and m.blocks[12] == [a, c]
+    assert m.block_tables(torch.tensor([1, 0]), 2).tolist() == [[a, c]] * 2, "row 1 holds beam 12's blocks, not 11's"
     m.free(10)
     m.free(12)
     assert sorted(m.free_rows) == [0, 1] and sorted(m.free_blocks) == list(range(8)) and not m.rows
