@@ -269,3 +269,11 @@ def test_bad_beam_options_get_one_line(tiny_ckpt, options, message):
     with pytest.raises(SystemExit) as exit:
         beams.main(["1", "--ckpt-dir", str(tiny_ckpt), *options])
     assert exit.value.code.startswith(f"llama3-paged-beams.py: error: {message}")
+
+
+def test_beams_through_flash_attns_contract(tiny_ckpt, tmp_path, monkeypatch):
+    """main() with tests/flash_attn_standin.py as its kernel, as on a GPU with flash-attn (bf16, 256-token blocks):
+    beams forked, copied on write and dropped, through the kernel's contract."""
+    from test_flash_attn_path import run  # (its own checks: a block table in every call, every request finished)
+    stats = run("beams", tiny_ckpt, tmp_path, monkeypatch, "--beams", 2)["stats"]
+    assert stats["block_size"] == 256 and stats["cow_copies"] > 0 and stats["shared_blocks_peak"] > 0

@@ -405,3 +405,13 @@ def test_bad_sampling_options_get_one_line(tiny_ckpt, options, message):
     with pytest.raises(SystemExit) as exit:
         samples.main(["1", "--ckpt-dir", str(tiny_ckpt), *options])
     assert exit.value.code == f"llama3-paged-samples.py: error: {message}"
+
+
+def test_samples_through_flash_attns_contract(tiny_ckpt, tmp_path, monkeypatch):
+    """main() with tests/flash_attn_standin.py as its kernel, as on a GPU with flash-attn (bf16, 256-token blocks):
+    forks and copy-on-write, preempted, through the kernel's contract. The stand-in refuses a block written by one
+    row while another reads it, so a copy not made fails here."""
+    from test_flash_attn_path import run  # (its own checks: a block table in every call, every request finished)
+    stats = run("samples", tiny_ckpt, tmp_path, monkeypatch, "--samples", 2, "--temperature", 0.8,
+                "--kv-budget-tokens", 1024)["stats"]
+    assert stats["block_size"] == 256 and stats["cow_copies"] > 0 and stats["preemptions"] > 0
