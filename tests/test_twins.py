@@ -11,7 +11,7 @@ SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py", "lla
            "llama3-paged-beams.py"]
 # Top-level definitions identical in all three scripts.
 SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
-          "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "row_chunks", "attend",
+          "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
           "choose_kernel", "attention", "append_token", "gpu_budget_tokens", "allocate_kv", "batch_inputs",
           "record_memory", "report"]
 
