@@ -220,32 +220,23 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
     blocks, offsets = block_table.gather(1, positions // block_size), positions % block_size  # of each new token
     k_cache[blocks, offsets], v_cache[blocks, offsets] = k, v
-    out = torch.empty_like(q)
-    by_length, chunks = row_chunks(cache_seqlens, seqlen, block_size, n_kv_heads * head_dim)
+    out, lengths = torch.empty_like(q), [n + seqlen for n in cache_seqlens.tolist()]  # the call's one host read
+    order = sorted(range(batch), key=lengths.__getitem__, reverse=True)  # longest first
+    by_length = torch.tensor(order, device=q.device)
     # (batch, n_kv_heads, group, seqlen, head_dim), rows by length: query head h reads KV head h // group
     q = q.view(batch, seqlen, n_kv_heads, -1, head_dim).permute(0, 2, 3, 1, 4)[by_length].mul_(head_dim**-0.5)
     positions, block_table = positions[by_length], block_table[by_length]
     heads = torch.arange(n_kv_heads, device=q.device)[:, None]  # (n_kv_heads, 1), beside a chunk's (rows, 1, blocks)
-    for start, end, num_keys in chunks:
-        row_blocks = block_table[start:end, None, :num_keys // block_size]  # the blocks of a row hold its keys
+    start = 0
+    while start < batch:  # chunks of rows of similar length, each as many as fit beside its first, the longest
+        num_blocks = -(-lengths[order[start]] // block_size)  # whole blocks: the table's columns hold its keys
+        end = start + max(1, ATTENTION_CHUNK // (num_blocks * block_size * n_kv_heads * head_dim))
         # (rows, n_kv_heads, num_keys, head_dim): read from the pool seen KV head first, as the matmuls read them
-        keys = k_cache.permute(2, 0, 1, 3)[heads, row_blocks].flatten(2, 3)
-        values = v_cache.permute(2, 0, 1, 3)[heads, row_blocks].flatten(2, 3)
+        keys = k_cache.permute(2, 0, 1, 3)[heads, block_table[start:end, None, :num_blocks]].flatten(2, 3)
+        values = v_cache.permute(2, 0, 1, 3)[heads, block_table[start:end, None, :num_blocks]].flatten(2, 3)
         attend(q[start:end], keys, values, positions[start:end], out, by_length[start:end])
+        start = end
     return out
-
-
-def row_chunks(cache_seqlens, seqlen, granule, elements_per_key):
-    """The rows sorted by length (a tensor), and chunks of them: (start, end, num_keys), num_keys its longest row's
-    rounded up to a granule (whole blocks), at most ATTENTION_CHUNK elements of K. Neighbours pad each other little."""
-    num_keys = [-(-(n + seqlen) // granule) * granule for n in cache_seqlens.tolist()]  # the call's one host read
-    order = sorted(range(len(num_keys)), key=num_keys.__getitem__)
-    chunks, start = [], 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or (end + 1 - start) * num_keys[order[end]] * elements_per_key > ATTENTION_CHUNK:
-            chunks.append((start, end, num_keys[order[end - 1]]))
-            start = end
-    return torch.tensor(order, device=cache_seqlens.device), chunks
 
 
 def attend(q, keys, values, positions, out, rows):
