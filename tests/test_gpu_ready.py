@@ -8,13 +8,16 @@ import pty
 import select
 import subprocess
 import sys
+import importlib.util
 
 import pytest
 import torch
 
+import flash_attn_standin
 from conftest import ROOT, pin_cpu_path
 from load_scripts import load_script
 from memory_tally import MemoryTally
+from scripts import SCRIPTS
 
 naive, paged = load_script("naive"), load_script("paged")
 
@@ -34,6 +37,9 @@ def flash_attn_2_4(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_
     """flash_attn_with_kvcache's signature in flash-attn 2.4: no block_table, so no paged cache."""
 
 
+BROKEN_IMPORT = ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+
+
 @pytest.mark.parametrize("capability,flash,kernel,dtype", [
     (None, flash_attn_2_6, "pytorch", torch.float32),        # a CPU
     ((8, 0), flash_attn_2_6, "flash-attn", torch.bfloat16),  # A100
@@ -43,7 +49,10 @@ def flash_attn_2_4(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_
     ((7, 0), None, "pytorch", torch.float16),                # V100, flash-attn not installed
     ((8, 6), flash_attn_2_4, "pytorch", torch.bfloat16),     # A10 with a flash-attn too old for a block table
     ((8, 6), None, "pytorch", torch.bfloat16),               # A10, flash-attn not installed
-], ids=["cpu", "a100", "rtx4090", "h100", "t4", "v100-no-flash", "a10-flash-2.4", "a10-no-flash"])
+    ((8, 0), BROKEN_IMPORT, "flash-attn", torch.bfloat16),   # A100, flash-attn installed but failing to import:
+    ((7, 5), BROKEN_IMPORT, "pytorch", torch.float16),       # check_kernel() says why; a T4 would not use it
+], ids=["cpu", "a100", "rtx4090", "h100", "t4", "v100-no-flash", "a10-flash-2.4", "a10-no-flash", "a100-broken-flash",
+        "t4-broken-flash"])
 def test_kernel_and_dtype_follow_what_the_device_can_do(capability, flash, kernel, dtype):
     chosen, name, chosen_dtype = paged.choose_kernel(flash, capability)
     assert (name, chosen_dtype) == (kernel, dtype)
@@ -139,34 +148,156 @@ def test_out_of_gpu_memory_while_loading_the_weights_is_one_line(tiny_ckpt, monk
         paged.load_model(tiny_ckpt)
 
 
-def run_with_kernel(module, tiny_ckpt, kernel_name, error, monkeypatch):
-    """main() with an attention kernel that raises `error` at its first call."""
-    def kernel(*args, **kwargs):
-        raise error
+sharing = load_script("sharing")
+MODULES = {"naive": naive, "paged": paged, "sharing": sharing}
+
+
+def kernel_raising(error, after_calls=0, kernel=flash_attn_standin.flash_attn_with_kvcache):
+    """A kernel that is `kernel` (by default the stand-in) for its first `after_calls` calls, then raises `error`."""
+    calls = []
+
+    def raising(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after_calls:
+            raise error
+        return kernel(*args, **kwargs)
+    return raising
+
+
+def run_main(module, tiny_ckpt, kernel_name, kernel, monkeypatch, loads, *options):
+    """main() on 2 prompts with this kernel as chosen (flash-attn: in bfloat16, as on a GPU); each checkpoint it
+    loads is appended to `loads`."""
+    load_weights = module.load_model
+
+    def load_model(ckpt_dir):
+        loads.append(ckpt_dir)
+        return load_weights(ckpt_dir)
     pin_cpu_path(monkeypatch, module)
+    monkeypatch.setattr(module, "load_model", load_model)
     monkeypatch.setattr(module, "attention", kernel)
     monkeypatch.setattr(module, "KERNEL", kernel_name)
+    if kernel_name == "flash-attn":
+        monkeypatch.setattr(module, "DTYPE", torch.bfloat16)
     module.main(["2", "--ckpt-dir", str(tiny_ckpt), "--ref-lengths", "--quiet", "--max-seq-len", "300",
-                 *(["--block-size", "256"] if module is not naive else [])])
+                 *(["--block-size", "256"] if hasattr(module, "KVCacheManager") else []), *map(str, options)])
 
 
-@pytest.mark.parametrize("module", [naive, paged], ids=["naive", "paged"])
-def test_flash_attn_refusing_the_gpu_is_one_line(module, tiny_ckpt, monkeypatch):
-    refusal = RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
-    with pytest.raises(SystemExit, match="the run stopped on the GPU: FlashAttention only supports Ampere GPUs"):
-        run_with_kernel(module, tiny_ckpt, "flash-attn", refusal, monkeypatch)
+def one_line(excinfo):
+    message = str(excinfo.value.code)
+    assert "\n" not in message, message
+    return message
 
 
-def test_out_of_gpu_memory_in_a_step_is_one_line(tiny_ckpt, monkeypatch):
-    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-    with pytest.raises(SystemExit, match="the run stopped on the GPU: CUDA out of memory. Tried to allocate 2.00 GiB"):
-        run_with_kernel(paged, tiny_ckpt, "pytorch", oom, monkeypatch)
+@pytest.mark.parametrize("name", MODULES)
+def test_flash_attn_refusing_the_gpu_is_one_line_before_the_weights_load(name, tiny_ckpt, monkeypatch):
+    """Its refusal at the tiny trial call: one line, naming the reason and how to run without it; no weight loaded."""
+    refusal = RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nException raised from mha_fwd_kvcache")
+    loads = []
+    with pytest.raises(SystemExit) as excinfo:
+        run_main(MODULES[name], tiny_ckpt, "flash-attn", kernel_raising(refusal), monkeypatch, loads)
+    assert one_line(excinfo).endswith("error: flash-attn fails on this GPU (RuntimeError: FlashAttention only supports "
+                                      "Ampere GPUs or newer.): pip uninstall flash-attn to run with the PyTorch attention")
+    assert loads == [], "the weights were loaded before the kernel was tried"
 
 
-def test_a_bug_in_the_pytorch_attention_keeps_its_traceback(tiny_ckpt, monkeypatch):
-    """Only a GPU's errors become one line: a RuntimeError of the PyTorch path is a bug to see whole."""
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        run_with_kernel(paged, tiny_ckpt, "pytorch", RuntimeError("shape mismatch"), monkeypatch)
+def test_the_trial_call_keeps_flash_attns_contract(tiny_ckpt, monkeypatch):
+    """The stand-in, which refuses what the kernel would, accepts the trial call: the run goes on to load and finish."""
+    loads = []
+    run_main(paged, tiny_ckpt, "flash-attn", kernel_raising(None, after_calls=10**9), monkeypatch, loads)
+    assert loads == [str(tiny_ckpt)]
+
+
+def fake_flash_attn(tmp_path, init):
+    """A folder holding a package named flash_attn whose __init__.py is `init`."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text(init)
+    return tmp_path
+
+
+def fresh_copy(name, monkeypatch, path=None):
+    """A fresh import of a script (not the one load_script keeps), with `path` first on sys.path."""
+    if path is not None:
+        monkeypatch.syspath_prepend(str(path))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # whatever this import leaves there goes after the test
+    del sys.modules["flash_attn"]
+    spec = importlib.util.spec_from_file_location(f"fresh_{name}", SCRIPTS[name])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+BROKEN = {  # a flash_attn that is there but does not import, as a build for another torch or CUDA does
+    "undefined symbol": ('raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")',
+                         "ImportError: flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"),
+    "missing extension": ("import flash_attn_2_cuda", "ModuleNotFoundError: No module named 'flash_attn_2_cuda'"),
+    "no kvcache kernel": ("def flash_attn_func(): pass", "ImportError: cannot import name 'flash_attn_with_kvcache'"),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_broken_flash_attn_install_is_one_line_before_the_weights_load(name, broken, tiny_ckpt, tmp_path,
+                                                                         monkeypatch):
+    """Installed but failing to import is not "not installed": on a GPU where flash-attn would be chosen, the run
+    stops in one line that says why, before any weight loads; where it would not be (a T4), it runs without it."""
+    init, reason = BROKEN[broken]
+    module = fresh_copy(name, monkeypatch, fake_flash_attn(tmp_path, init))
+    assert isinstance(module.flash_attn_with_kvcache, ImportError)
+    chosen, kernel_name, _ = module.choose_kernel(module.flash_attn_with_kvcache, (8, 0))
+    assert kernel_name == "flash-attn" and chosen is module.flash_attn_with_kvcache
+    assert module.choose_kernel(module.flash_attn_with_kvcache, (7, 5))[1] == "pytorch"
+    loads = []
+    with pytest.raises(SystemExit) as excinfo:
+        run_main(module, tiny_ckpt, "flash-attn", chosen, monkeypatch, loads)
+    message = one_line(excinfo)
+    assert f"error: flash-attn fails to import ({reason}" in message, message
+    assert message.endswith("pip uninstall flash-attn to run with the PyTorch attention")
+    assert loads == []
+
+
+def test_flash_attn_not_installed_is_none(monkeypatch, tmp_path):
+    """No flash_attn at all (an empty folder first on the path stands for this machine, as it has none): None, and
+    the PyTorch attention on every GPU."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    module = fresh_copy("paged", monkeypatch, tmp_path)
+    assert module.flash_attn_with_kvcache is None
+    assert module.choose_kernel(None, (9, 0))[1] == "pytorch"
+
+
+@pytest.mark.parametrize("name", ["paged", "sharing"])
+def test_a_block_size_is_checked_before_the_weights_load(name, tiny_ckpt, monkeypatch):
+    module, loads = MODULES[name], []
+    for kernel_name, kernel, size, refusal in (
+            ("pytorch", module.attention_torch, 0, "--block-size must be positive, "),
+            ("flash-attn", flash_attn_standin.flash_attn_with_kvcache, 128, "paged kernel a multiple of 256, got 128$")):
+        with pytest.raises(SystemExit, match=refusal):
+            run_main(module, tiny_ckpt, kernel_name, kernel, monkeypatch, loads, "--block-size", size)
+    assert loads == []
+
+
+@pytest.mark.parametrize("kernel_name", ["pytorch", "flash-attn"])
+@pytest.mark.parametrize("name", MODULES)
+def test_out_of_gpu_memory_in_a_step_is_one_line(name, kernel_name, tiny_ckpt, monkeypatch):
+    """(With flash-attn, after its trial call.)"""
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capacity")
+    with pytest.raises(SystemExit) as excinfo:
+        run_main(MODULES[name], tiny_ckpt, kernel_name, kernel_raising(oom, after_calls=int(kernel_name == "flash-attn")),
+                 monkeypatch, [])
+    assert one_line(excinfo).endswith("the run stopped on the GPU: CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+@pytest.mark.parametrize("kernel_name", ["pytorch", "flash-attn"])
+@pytest.mark.parametrize("name", MODULES)
+def test_any_other_error_in_a_run_keeps_its_traceback(name, kernel_name, tiny_ckpt, monkeypatch):
+    """Only out of memory becomes one line during a run: any other RuntimeError, of either kernel, is a bug to see
+    whole (here, after the flash-attn kernel passed its trial and ran a few calls)."""
+    module = MODULES[name]
+    bug = RuntimeError("CUDA error: an illegal memory access was encountered")
+    passing = flash_attn_standin.flash_attn_with_kvcache if kernel_name == "flash-attn" else module.attention_torch
+    with pytest.raises(RuntimeError, match="CUDA error: an illegal memory access was encountered"):
+        run_main(module, tiny_ckpt, kernel_name, kernel_raising(bug, after_calls=3, kernel=passing), monkeypatch, [])
 
 
 # --- The progress line ---------------------------------------------------------------------------------------------

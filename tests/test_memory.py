@@ -110,3 +110,75 @@ def test_paged_budget_edge(tiny_ckpt, prompts_file, tmp_path):
     assert short["stats"]["preemptions"] > 0 and short["stats"]["peak_reserved_tokens"] <= peak - BLOCK_SIZE
     generated = lambda data: [r["generated_ids"] for r in data["requests"]]
     assert generated(short) == generated(exact) == generated(free)
+
+
+def report_lines(stdout):
+    """The report's lines after its header, by label: 'peak KV reserved:      123 tokens (...)' -> its text."""
+    lines = stdout[stdout.index("=== "):].splitlines()[1:]
+    return dict(line.split(":", 1) for line in lines)
+
+
+def check_report(stdout, lengths, timeline, ckpt, budget, blocks=None):
+    """Every figure the report prints, from the token counts alone (timeline is the test's own, from them)."""
+    bytes_per_token = kv_bytes_per_token(ckpt)
+    gb = lambda tokens: f"{tokens * bytes_per_token / 1e9:.3g} GB"
+    peak = max(range(len(timeline)), key=lambda t: (timeline[t][1], -t))
+    reserved_at_peak, held = timeline[peak]
+    peak_reserved = max(r for r, _ in timeline)
+    got = report_lines(stdout)
+    assert got["requests"].split() == [str(len(lengths)), f"({len(lengths)}", "finished)"]
+    generated = got["generated tokens"].split()
+    assert generated[0] == str(sum(g for _, g in lengths)) and f"{len(timeline)} decode steps)" in got["generated tokens"]
+    assert got["KV budget"].strip() == f"{budget} tokens ({gb(budget)})"
+    assert got["peak KV reserved"].strip() == f"{peak_reserved} tokens ({gb(peak_reserved)})"
+    assert got["peak KV holding tokens"].strip() == f"{held} tokens ({gb(held)})"
+    wasted = reserved_at_peak - held
+    assert got["Fragmented Memory"].strip().startswith(f"{gb(wasted)} ({100 * wasted / reserved_at_peak:.1f}% of")
+    if blocks is not None:
+        num_blocks, block_size = blocks
+        assert got["blocks"].strip() == f"{num_blocks} of {block_size} tokens, {peak_reserved // block_size} used at the peak"
+        assert got["preemptions"].strip() == "0"
+
+
+def test_naive_report_figures(tiny_ckpt, prompts_file, tmp_path):
+    result = run_script("llama3-naive.py", len(ANSWERS), "--ckpt-dir", tiny_ckpt, "--prompts", prompts_file,
+                        "--ref-lengths", "--quiet", "--max-seq-len", MAX_SEQ_LEN, "--kv-budget-tokens", 1000)
+    data, lengths = run("llama3-naive.py", tiny_ckpt, prompts_file, tmp_path, "--kv-budget-tokens", 1000)
+    reserved = len(lengths) * MAX_SEQ_LEN
+    timeline = [(reserved, sum(p + t for p, g in lengths if g - 1 >= t)) for t in range(1, max(g for _, g in lengths))]
+    check_report(result.stdout, lengths, timeline, tiny_ckpt, 1000)
+
+
+@pytest.fixture(scope="module")
+def reserve_first_prompts(tmp_path_factory):
+    """A long prompt answered in one token, beside three short prompts with longer answers: the most blocks are
+    reserved at step 1, while the long prompt still holds its own, the most tokens held some steps later."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.json"
+    pairs = [("Explain copy on write " * 11, "Yes"), ("What is paging?", "It depends " * 10),
+             ("How are blocks handed out in a paged KV cache, and when?", "It depends " * 10),
+             ("Is it fast?", "It depends " * 10)]
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+                                for q, a in pairs]))
+    return path
+
+
+@cpu_path_only
+def test_paged_report_figures(tiny_ckpt, reserve_first_prompts, tmp_path):
+    """A percentage of fragmented memory taken against the peak reserved, not against what was reserved when the
+    most tokens were held, shows here."""
+    budget = 2000
+    result = run_script("llama3-paged.py", 4, "--ckpt-dir", tiny_ckpt, "--prompts", reserve_first_prompts,
+                        "--ref-lengths", "--quiet", "--max-seq-len", MAX_SEQ_LEN, "--block-size", BLOCK_SIZE,
+                        "--kv-budget-tokens", budget)
+    _, lengths = run("llama3-paged.py", tiny_ckpt, reserve_first_prompts, tmp_path, "--block-size", BLOCK_SIZE)
+    blocks = lambda tokens: -(-tokens // BLOCK_SIZE)
+    timeline = []
+    for t in range(1, max(g for _, g in lengths)):
+        held = sum(p + t for p, g in lengths if g - 1 >= t) + (t == 1) * sum(p for p, g in lengths if g == 1)
+        reserved = sum(blocks(p + t) for p, g in lengths if g - 1 >= t) + (t == 1) * sum(
+            blocks(p + 1) for p, g in lengths if g == 1)
+        timeline.append((reserved * BLOCK_SIZE, held))
+    peak = max(range(len(timeline)), key=lambda t: (timeline[t][1], -t))
+    assert timeline[peak][0] < max(r for r, _ in timeline), f"the most should be reserved before the most is held"
+    num_blocks = min(budget // BLOCK_SIZE, len(lengths) * blocks(MAX_SEQ_LEN))
+    check_report(result.stdout, lengths, timeline, tiny_ckpt, budget, blocks=(num_blocks, BLOCK_SIZE))

@@ -16,12 +16,10 @@ import re
 import pytest
 import torch
 
-import scripts
-from conftest import ROOT, pin_cpu_path
+from conftest import pin_cpu_path
 from load_scripts import load_script
 from memory_tally import MemoryTally
 
-scripts.SCRIPTS.setdefault("samples", ROOT / "llama3-paged-samples.py")  # where tools/scripts.py lacks the rung
 samples = load_script("samples")
 paged = load_script("paged")  # the parent: the same schedule, with no sharing in it
 naive = load_script("naive")  # its forward() reads a contiguous cache: a from-scratch reference
@@ -166,8 +164,8 @@ def test_the_report_counts_what_sharing_holds_and_saves(greedy_runs):
     assert percent == pytest.approx(100 * (reserved_then - max(held)) / reserved_then, abs=0.05)
     assert re.search(rf"^blocks:\s+\d+ of 8 tokens, {max(reserved) // 8} used at the peak$", stdout, re.M)
     assert number(stdout, "blocks shared") == max(s["shared"] for s in steps) == 4 + 4 + 2
-    assert number(stdout, "blocks saved") == max(s["saved"] for s in steps) == 2 * (4 + 4 + 2)
-    assert number(stdout, "peak KV per holder") == max(s["per_holder"] for s in steps)
+    assert number(stdout, "references saved") == max(s["saved"] for s in steps) == 2 * (4 + 4 + 2)
+    assert number(stdout, "peak KV unshared") == max(s["per_holder"] for s in steps)
     # Two copies of the prompt's last block for each prompt that ends inside one (39 and 23 tokens, not 32).
     assert number(stdout, "copy-on-write copies") == 2 * sum(p % 8 > 0 for p, _ in LENGTHS) == 4
     assert max(reserved) < max(s["per_holder"] for s in steps)

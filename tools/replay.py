@@ -59,8 +59,8 @@ def replay(lengths, budget_tokens, block_size, max_seq_len=DEFAULT_MAX_SEQ_LEN, 
         return torch.zeros(tokens.shape[0], 1)
 
     with stand_in_forward(module, forward):
-        # The script's make_kv_cache sizes the manager and checks the block size; for a model of no layers the
-        # K and V it allocates are empty, and generate() gets kv_cache=None: only forward() would read it.
+        # The script's make_kv_cache sizes the manager (its parse_args, above, checked the block size); for a model
+        # of no layers the K and V it allocates are empty, and generate() gets kv_cache=None: only forward() reads it.
         no_layers = {"layers": [], "n_kv_heads": 0, "head_dim": 0}
         _, manager = call_script(module.make_kv_cache, no_layers, budget_tokens, len(requests), args)
         out["manager"] = replace_manager(manager) if replace_manager else manager

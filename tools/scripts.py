@@ -21,6 +21,8 @@ from cli import fail
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"naive": ROOT / "llama3-naive.py", "paged": ROOT / "llama3-paged.py",
            "sharing": ROOT / "llama3-paged-sharing.py"}
+# The rungs above llama3-paged.py, by the lesson each adds: llama3-paged-swap.py, ...
+SCRIPTS |= {name: ROOT / f"llama3-paged-{name}.py" for name in ("swap", "prefix", "samples", "beams")}
 DEFAULT_PROMPTS = ROOT / "sharegpt-filtered.json"
 DEFAULT_CKPT = ROOT / "checkpoints" / "tiny"
 DEFAULT_MAX_SEQ_LEN = 8192

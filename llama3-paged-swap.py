@@ -1,0 +1,588 @@
+#!/usr/bin/env python3
+"""Llama 3 batch inference with a paged KV cache whose preempted requests SWAP their K and V to host memory.
+
+    python llama3-paged-swap.py 16 --ckpt-dir checkpoints/tiny --ref-lengths --kv-budget-tokens 1024 --preempt swap
+
+Read it next to llama3-paged.py: `diff` shows the lesson. When the blocks run out, llama3-paged.py preempts the
+newest request: it gives its blocks back and, when there is room again, recomputes its K and V in one prefill of
+all its tokens. With --preempt swap the K and V of its cached tokens go to host memory instead, one block at a time,
+and come back the same way into the blocks it gets when it resumes: bytes moved instead of a prefill's work.
+Without the option it does what llama3-paged.py does.
+"""
+import argparse
+import base64
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_with_kvcache  # the real kernel, on a CUDA GPU
+except ImportError as e:  # not installed: None; installed but broken (built for another torch, say): check_kernel()
+    flash_attn_with_kvcache = None if isinstance(e, ModuleNotFoundError) and e.name == "flash_attn" else e
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The default budget on a CPU, in tokens of K and V: a 24 GB GPU's room beside Llama-3-8B (the README shows the sum).
+CPU_KV_BUDGET_TOKENS = (24_564 * 2**20 - 16_060_522_496 - 1536 * 2**20) // (128 * 2**10)  # 61,691
+
+
+def fail(message):
+    """Bad input, or a run that cannot fit: one line on stderr and exit status 1, never a traceback."""
+    sys.exit(f"{Path(__file__).name}: error: {message}")
+
+
+def parse_args(argv):
+    budget = "free GPU memory less a step's needs" if DEVICE.type == "cuda" else f"{CPU_KV_BUDGET_TOKENS}, a 24 GB GPU's"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # one line instead of argparse's usage dump
+    p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
+    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original",
+                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s); "
+                        "use_scaled_rope scales RoPE 32x if it has no output.weight (Llama 3.2 1B, 3B), else 8x")
+    p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")),
+                   help="ShareGPT-style JSON; each entry's first human turn is a prompt (default: sharegpt-filtered.json)")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="most tokens per request, prompt and answer (default 8192)")
+    p.add_argument("--kv-budget-tokens", type=int, help=f"room for K and V, in tokens (default here: {budget})")
+    p.add_argument("--ref-lengths", action="store_true", help="generate as many tokens as each reference answer has")
+    p.add_argument("--json", metavar="PATH", help="write the stats and every request's tokens to PATH")
+    p.add_argument("--quiet", action="store_true", help="don't print the responses")
+    p.add_argument("--block-size", type=int, default=256 if KERNEL == "flash-attn" else 16,
+                   help="tokens per KV block (default here: %(default)s; flash-attn's kernel takes multiples of 256)")
+    p.add_argument("--preempt", choices=("recompute", "swap"), default="recompute",
+                   help="a preempted request's K and V are recomputed from its tokens, or swapped to host memory and "
+                        "back (default recompute)")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        fail(f"N must be positive, got {args.n}")
+    if not 2 <= args.max_seq_len <= 131_072:  # Llama 3.1's 128K context; Llama 3 was trained on 8192
+        fail(f"--max-seq-len must be from 2 to 131072 (Llama 3.1's context), got {args.max_seq_len}")
+    if args.kv_budget_tokens is not None and args.kv_budget_tokens < 1:
+        fail(f"--kv-budget-tokens must be positive, got {args.kv_budget_tokens}")
+    if args.block_size < 1 or KERNEL == "flash-attn" and args.block_size % 256:  # it reads keys in tiles of 256
+        fail(f"--block-size must be positive, and with flash-attn's paged kernel a multiple of 256, got {args.block_size}")
+    return args
+
+
+# --- Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format ---------------------------------
+SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
+SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
+                 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+
+
+def load_tokenizer(path):
+    try:
+        lines = path.read_bytes().splitlines()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except FileNotFoundError:  # most likely no checkpoint at all: say how to make the tiny one, or where it is
+        root = Path(__file__).resolve().parent
+        tiny, tool = os.path.relpath(root / "checkpoints" / "tiny"), os.path.relpath(root / "tools" / "make_checkpoint.py")
+        make = "" if Path(tiny, "params.json").is_file() else f"make a tiny random one with python {tool} {tiny} and "
+        fail(f"{path} not found: {make}pass --ckpt-dir {tiny}, or download Meta's weights (see the README)")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read tokenizer {path}: {e}")
+    special = {SPECIAL_NAMES.get(i, f"<|reserved_special_token_{i}|>"): len(ranks) + i for i in range(256)}
+    return tiktoken.Encoding(path.name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+
+def encode_chat(tokenizer, user_message, system_message=None):
+    """One user turn in Llama 3's chat format (after a system turn, if given), ending with the header that asks
+    the assistant to answer. encode_ordinary: text that looks like a special token stays text, as typed."""
+    special, text = tokenizer.encode_single_token, tokenizer.encode_ordinary
+    header = lambda role: [special("<|start_header_id|>"), *text(role), special("<|end_header_id|>"), *text("\n\n")]
+    system = [*header("system"), *text(system_message.strip()), special("<|eot_id|>")] if system_message else []
+    return [special("<|begin_of_text|>"), *system, *header("user"), *text(user_message.strip()), special("<|eot_id|>"),
+            *header("assistant")]
+
+
+def load_prompts(path, n, tokenizer):
+    """The first user turn of each ShareGPT entry, and the length of its reference answer (first gpt turn)."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        fail(f"cannot read prompts file {path}: {e.strerror}")
+    except ValueError as e:
+        fail(f"prompts file {path} is not valid JSON: {e}")
+    prompts = []
+    for entry in entries if isinstance(entries, list) else []:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        turns = [t for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)] if isinstance(turns, list) else []
+        user = next((i for i, t in enumerate(turns) if t.get("from") == "human" and t["value"].strip()), None)
+        if user is not None:
+            answer = next((t["value"] for t in turns[user + 1:] if t.get("from") == "gpt"), "")
+            prompts.append((turns[user]["value"], len(tokenizer.encode_ordinary(answer.strip()))))
+        if len(prompts) == n:
+            return prompts
+    fail(f"asked for {n} prompts but {path} has {len(prompts)} (ShareGPT entries with a human turn)")
+
+
+# --- The model: Meta's Llama 3 checkpoint format, RMSNorm, RoPE, grouped-query attention, SwiGLU ------------------
+def load_model(ckpt_dir):
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        params = json.loads((ckpt_dir / "params.json").read_text())
+        weights = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
+        n_layers, n_heads, dim = params["n_layers"], params["n_heads"], params["dim"]
+        names = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                 "feed_forward.w3", "attention_norm", "ffn_norm")
+        layers = [{name.split(".")[-1]: weights[f"layers.{i}.{name}.weight"].to(DEVICE, DTYPE) for name in names}
+                  for i in range(n_layers)]
+        model = {"n_heads": n_heads, "n_kv_heads": params.get("n_kv_heads") or n_heads, "head_dim": dim // n_heads,
+                 "norm_eps": params["norm_eps"], "vocab_size": params["vocab_size"], "layers": layers,
+                 "rope_theta": params.get("rope_theta", 500000.0), "use_scaled_rope": params.get("use_scaled_rope", False),
+                 "tok_embeddings": weights["tok_embeddings.weight"].to(DEVICE, DTYPE),
+                 "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
+        # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
+        model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
+        # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
+        model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize
+        return model
+    except KeyError as e:
+        fail(f"the checkpoint in {ckpt_dir} has no {e}")
+    except torch.cuda.OutOfMemoryError:
+        fail(f"the weights in {ckpt_dir} do not fit in the GPU's {torch.cuda.mem_get_info(DEVICE)[1] / 1e9:.3g} GB")
+    except Exception as e:  # unreadable, truncated or not a checkpoint: torch and json raise many kinds
+        fail(f"cannot load the checkpoint in {ckpt_dir}: {str(e).splitlines()[0]}")
+
+
+def rope_tables(model, max_seq_len):
+    """cos and sin of every position's rotation angles: (max_seq_len, head_dim / 2) each."""
+    head_dim = model["head_dim"]
+    freqs = 1.0 / model["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if model["use_scaled_rope"]:
+        # Llama 3.1+: slow down the low frequencies 8x (32x in Llama 3.2 1B and 3B, the only ones whose output layer
+        # is the embedding) so 8192-token training stretches to 128K; keep the high ones, blend from 2048 to 8192.
+        factor, low, high, trained_len = 32.0 if model["output"] is model["tok_embeddings"] else 8.0, 1.0, 4.0, 8192
+        smooth = ((trained_len * freqs / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        freqs = (1 - smooth) * freqs / factor + smooth * freqs
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) by its angle. x: (batch, seqlen, heads, head_dim);
+    cos, sin: (batch, seqlen, head_dim / 2). Meta's checkpoints pair adjacent dimensions."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
+    """Run new tokens (batch, seqlen) through the model, writing their K and V into kv_cache (k, v: each (n_layers,
+    ...), read through block_table or cache_batch_idx) after the cache_seqlens (batch,) tokens each request has there.
+    Returns the last position's logits (batch, vocab)."""
+    batch, seqlen = tokens.shape
+    positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=tokens.device)  # (batch, seqlen)
+    cos, sin = model["rope_cos"][positions], model["rope_sin"][positions]
+    h = model["tok_embeddings"][tokens]  # (batch, seqlen, dim)
+    for i, layer in enumerate(model["layers"]):
+        x = rms_norm(h, layer["attention_norm"], model["norm_eps"])
+        q = F.linear(x, layer["wq"]).view(batch, seqlen, model["n_heads"], model["head_dim"])
+        k = F.linear(x, layer["wk"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
+        v = F.linear(x, layer["wv"]).view(batch, seqlen, model["n_kv_heads"], model["head_dim"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, kv_cache[0][i], kv_cache[1][i], k, v, cache_seqlens=cache_seqlens,
+                        block_table=block_table, cache_batch_idx=cache_batch_idx, causal=True)
+        h = h + F.linear(out.reshape(batch, seqlen, -1), layer["wo"])
+        x = rms_norm(h, layer["ffn_norm"], model["norm_eps"])
+        h = h + F.linear(F.silu(F.linear(x, layer["w1"])) * F.linear(x, layer["w3"]), layer["w2"])
+    return F.linear(rms_norm(h[:, -1], model["norm"], model["norm_eps"]), model["output"])  # in DTYPE: no float copy
+
+
+ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and computes scores, this many at a time
+
+
+def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
+    """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
+    seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
+    n_heads, head_dim) attends, a few rows of similar length at a time: under 300 MB at Llama-3-8B's shape, output
+    included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
+    v_cache (num_blocks, block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
+    batch, seqlen, n_heads, head_dim = q.shape
+    block_size, n_kv_heads = k_cache.shape[1:3]
+    positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
+    blocks, offsets = block_table.gather(1, positions // block_size), positions % block_size  # of each new token
+    k_cache[blocks, offsets], v_cache[blocks, offsets] = k, v
+    out, lengths = torch.empty_like(q), [n + seqlen for n in cache_seqlens.tolist()]  # the call's one host read
+    order = sorted(range(batch), key=lengths.__getitem__, reverse=True)  # longest first
+    by_length = torch.tensor(order, device=q.device)
+    # (batch, n_kv_heads, group, seqlen, head_dim), rows by length: query head h reads KV head h // group
+    q = q.view(batch, seqlen, n_kv_heads, -1, head_dim).permute(0, 2, 3, 1, 4)[by_length].mul_(head_dim**-0.5)
+    positions, block_table = positions[by_length], block_table[by_length]
+    heads = torch.arange(n_kv_heads, device=q.device)[:, None]  # (n_kv_heads, 1), beside a chunk's (rows, 1, blocks)
+    start = 0
+    while start < batch:  # chunks of rows of similar length, each as many as fit beside its first, the longest
+        num_blocks = -(-lengths[order[start]] // block_size)  # whole blocks: the table's columns hold its keys
+        end = start + max(1, ATTENTION_CHUNK // (num_blocks * block_size * n_kv_heads * head_dim))
+        # (rows, n_kv_heads, num_keys, head_dim): read from the pool seen KV head first, as the matmuls read them
+        keys = k_cache.permute(2, 0, 1, 3)[heads, block_table[start:end, None, :num_blocks]].flatten(2, 3)
+        values = v_cache.permute(2, 0, 1, 3)[heads, block_table[start:end, None, :num_blocks]].flatten(2, 3)
+        attend(q[start:end], keys, values, positions[start:end], out, by_length[start:end])
+        start = end
+    return out
+
+
+def attend(q, keys, values, positions, out, rows):
+    """Causal attention of q (rows, n_kv_heads, group, seqlen, head_dim), scaled, over keys and values (rows,
+    n_kv_heads, num_keys, head_dim), into out (batch, seqlen, n_heads, head_dim) at rows. Query i of a row sees keys
+    0..positions[row, i] (flash-attn's causal mask, aligned to the bottom right), never a slot past the row's length."""
+    num_rows, n_kv_heads, group, seqlen, head_dim = q.shape
+    key_index = torch.arange(keys.shape[2], device=q.device)
+    values.masked_fill_((key_index > positions[:, -1:])[:, None, :, None], 0)  # whatever they held: 0 * inf is NaN
+    out = out.view(len(out), seqlen, n_kv_heads, group, head_dim)
+    queries = max(1, ATTENTION_CHUNK // (num_rows * n_kv_heads * group * len(key_index)))  # scores this many at a time
+    for i in range(0, seqlen, queries):
+        scores = q[:, :, :, i:i + queries].flatten(2, 3) @ keys.transpose(2, 3)  # (rows, n_kv_heads, group * queries, keys)
+        hidden = key_index > positions[:, None, None, i:i + queries, None]  # (rows, 1, 1, queries, keys)
+        probs = torch.softmax(scores.unflatten(2, (group, -1)).masked_fill_(hidden, -math.inf), dim=-1)  # float32 inside
+        part = (probs.flatten(2, 3) @ values).unflatten(2, (group, -1))  # (rows, n_kv_heads, group, queries, head_dim)
+        out[:, i:i + queries].index_copy_(0, rows, part.permute(0, 3, 1, 2, 4))
+
+
+def choose_kernel(flash_attn, capability):
+    """Kernel and dtype for a CPU (capability None) or a GPU of compute capability (major, minor): flash-attn 2.5+
+    (its kernel takes a block table; or its import's error) on Ampere (8.0) or newer; bfloat16 where native, float16."""
+    if capability is None:
+        return attention_torch, "pytorch", torch.float32
+    if flash_attn and capability >= (8, 0) and (isinstance(flash_attn, ImportError)
+                                                or "block_table" in inspect.signature(flash_attn).parameters):
+        return flash_attn, "flash-attn", torch.bfloat16
+    return attention_torch, "pytorch", torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
+attention, KERNEL, DTYPE = choose_kernel(flash_attn_with_kvcache,  # once; forward() calls the kernel by this name
+                                         torch.cuda.get_device_capability() if DEVICE.type == "cuda" else None)
+
+
+def check_kernel():
+    """Before the weights load, flash-attn (where chosen) runs once on a tiny input, or one line says why it can't."""
+    try:
+        if isinstance(attention, ImportError):  # flash_attn is installed, but importing it raised this
+            raise attention
+        if KERNEL == "flash-attn":  # q, k, v (1, 1, 1, 64): one token of one head, into a pool of one 256-token block
+            (q, cache), table = allocate_kv((1, 256, 1, 64)), torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+            attention(q[:, :1], cache, cache.clone(), q[:, :1], q[:, :1], cache_seqlens=table[0], block_table=table)
+    except (ImportError, RuntimeError) as e:  # built for another torch or CUDA, or without this GPU's kernels
+        fail(f"flash-attn fails {'to import' if e is attention else 'on this GPU'} ("
+             f"{f'{type(e).__name__}: {e}'.splitlines()[0]}): pip uninstall flash-attn to run with the PyTorch attention")
+
+
+# --- Requests and the KV budget -----------------------------------------------------------------------------------
+@dataclass
+class Request:
+    id: int                   # position in the prompt list
+    prompt_ids: list
+    ref_length: int | None    # --ref-lengths: generate exactly this many tokens
+    tokens: list = field(default_factory=list)  # prompt + generated so far; all but the newest are cached
+    cache_row: int = -1       # which row of the cache (or of the block table) belongs to this request
+    done: bool = False
+
+    @property
+    def generated_ids(self):
+        return self.tokens[len(self.prompt_ids):]
+
+
+def append_token(req, token, stop_ids, max_seq_len):
+    req.tokens.append(token)
+    stop = len(req.generated_ids) >= req.ref_length if req.ref_length is not None else token in stop_ids
+    req.done = stop or len(req.tokens) >= max_seq_len
+
+
+def gpu_budget_tokens(model, max_seq_len, batch):
+    """The GPU's free memory with the weights loaded, less the most a step needs beside the pool: for a prefill of
+    max_seq_len tokens (a preempted request recomputes all it has) or a decode of the whole batch, about 3 FFN-wide and
+    5 model-wide vectors a token; attention_torch's chunk; the batch's logits; 256 MiB for CUDA's own libraries."""
+    dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
+    step_bytes = (max(max_seq_len, batch) * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
+    step_bytes += 16 * ATTENTION_CHUNK + 2**28
+    return max(0, torch.cuda.mem_get_info(DEVICE)[0] - step_bytes) // model["kv_bytes_per_token"]
+
+
+def allocate_kv(shape):
+    """K and V, each of `shape`, zeroed; on a CPU, one line instead if the machine hasn't the memory."""
+    gb = 2 * math.prod(shape) * DTYPE.itemsize / 1e9
+    if DEVICE.type == "cpu" and gb > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9:  # fail now, not later
+        fail(f"the KV cache would take {gb:.3g} GB, more than this machine's memory: lower --kv-budget-tokens")
+    return torch.zeros(shape, dtype=DTYPE, device=DEVICE), torch.zeros(shape, dtype=DTYPE, device=DEVICE)
+
+
+# --- The paged KV cache -------------------------------------------------------------------------------------------
+class KVCacheManager:
+    """Hands out the blocks of one KV pool as requests grow, and takes them back when they end.
+
+    One manager serves all layers: block b holds block_size tokens of K and V in every layer, so a request's
+    blocks are the same in layer 0 and layer 31. Row r of block_table lists request r's blocks in order: its
+    token t lives in block block_table[r, t // block_size], at offset t % block_size. flash-attn reads that table
+    directly. Entries past a request's last block hold 0, or blocks given back that others may hold now: the
+    kernel never reads them, since it stops at the request's cache_seqlens plus its new tokens."""
+
+    def __init__(self, num_blocks, block_size, num_requests, max_blocks_per_request, device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_blocks = deque(range(num_blocks))  # O(1) to take from and give back to
+        self.blocks = {}  # request id -> its blocks, in order
+        # (num_requests, max_blocks_per_request) int32, where the kernel reads it. It lives from step to step: a
+        # block handed out is written into it once, not rebuilt from Python lists in every layer of every step.
+        self.block_table = torch.zeros(num_requests, max_blocks_per_request, dtype=torch.int32, device=device)
+        self.new_entries = {}  # (row, column) -> block, for block_tables() to write: one entry per slot, the latest
+
+    def blocks_for(self, num_tokens):
+        return -(-num_tokens // self.block_size)  # ceil(num_tokens / block_size)
+
+    def can_allocate(self, num_tokens):
+        return self.blocks_for(num_tokens) <= len(self.free_blocks)
+
+    def allocate(self, req_id, num_tokens):
+        """Blocks for a new request's first num_tokens tokens. Returns its row of the block table: its id."""
+        self.blocks[req_id] = []
+        for _ in range(self.blocks_for(num_tokens)):
+            self.append_block(req_id)
+        return req_id
+
+    def needs_block(self, req_id, num_tokens):  # does a request of num_tokens tokens need one more block than it has?
+        return num_tokens > len(self.blocks[req_id]) * self.block_size
+
+    def append_block(self, req_id):
+        block = self.free_blocks.popleft()
+        self.new_entries[req_id, len(self.blocks[req_id])] = block
+        self.blocks[req_id].append(block)
+
+    def free(self, req_id):
+        """A finished (or preempted) request gives all its blocks back at once."""
+        self.free_blocks.extend(self.blocks.pop(req_id))
+
+    def block_tables(self, rows, width):
+        """The tables of a batch, read from block_table: (batch, width) int32, rows (batch,) in batch order."""
+        if self.new_entries:  # one write for all the blocks handed out since the last call (with no index twice:
+            # where an indexed write repeats an index, a GPU may keep any of the values, not the last)
+            row, column = zip(*self.new_entries)
+            block = list(self.new_entries.values())
+            self.block_table[row, column] = torch.tensor(block, dtype=torch.int32, device=self.block_table.device)
+            self.new_entries.clear()
+        return self.block_table[:, :width].index_select(0, rows)
+
+
+def make_kv_cache(model, budget_tokens, num_requests, args):
+    """The pool, K and V, each (n_layers, num_blocks, block_size, n_kv_heads, head_dim), and its manager."""
+    max_blocks_per_request = -(-args.max_seq_len // args.block_size)
+    num_blocks = min(budget_tokens // args.block_size, num_requests * max_blocks_per_request)  # no more than all can use
+    kv_cache = allocate_kv((len(model["layers"]), num_blocks, args.block_size, model["n_kv_heads"], model["head_dim"]))
+    return kv_cache, KVCacheManager(num_blocks, args.block_size, num_requests, max_blocks_per_request, DEVICE)
+
+
+def swap_out(kv_cache, blocks):
+    """A copy of these blocks' K and V in host memory, made one block at a time: the device holds at most one block
+    (in all layers) of it at once, however long the request. On a GPU the host memory is pinned (page-locked), so
+    each copy is queued on the GPU's stream and returns at once: it runs after the kernels that wrote the block and
+    before any queued later, which may write another request's tokens into it. Returns (k, v), each (len(blocks),
+    n_layers, block_size, n_kv_heads, head_dim): block j's copy is host[j], contiguous, one transfer."""
+    shape = (len(blocks), kv_cache[0].shape[0], *kv_cache[0].shape[2:])
+    saved = tuple(torch.empty(shape, dtype=kv_cache[0].dtype, pin_memory=DEVICE.type == "cuda") for _ in kv_cache)
+    for j, block in enumerate(blocks):
+        for cache, host in zip(kv_cache, saved):  # cache[:, block]: (n_layers, block_size, n_kv_heads, head_dim)
+            host[j].copy_(cache[:, block], non_blocking=True)
+    return saved
+
+
+def swap_in(kv_cache, blocks, saved):
+    """Copy K and V back from host memory (swap_out's) into these blocks, one block at a time, queued on the stream
+    too: the decode that reads them runs after. (PyTorch keeps a pinned buffer from reuse until its copies ran.)"""
+    for j, block in enumerate(blocks):
+        for cache, host in zip(kv_cache, saved):
+            cache[:, block].copy_(host[j], non_blocking=True)
+
+
+def generate(model, requests, kv_cache, manager, args, stop_ids):
+    """Run every request to its end, as many at a time as the blocks allow. Returns the stats."""
+    stats = {"timeline": [], "decode_steps": 0, "peak_reserved_tokens": 0, "peak_used_tokens": 0,
+             "reserved_at_peak_use": 0, "preemptions": 0, "manager_seconds": 0.0, "recomputed_tokens": 0,
+             "swapped_out_blocks": 0, "swapped_in_blocks": 0}
+    waiting = deque(requests)  # not started yet, or preempted and waiting to come back
+    running = []               # in the order they were admitted: the newest is preempted first
+    swapped = {}               # --preempt swap: request id -> the K and V of its cached tokens, in host memory
+    while waiting or running:
+        start = time.perf_counter()
+        # 1. Grow: a request whose newest token starts a new block gets one now, since this step's decode writes that
+        #    token's K and V, at position len(r.tokens) - 1 (room for len(r.tokens) tokens, no + 1). While too few
+        #    blocks are free, the newest request is preempted: it gives its blocks back and waits, to be recomputed
+        #    or, with --preempt swap, to get its K and V back.
+        growing = [r for r in running if manager.needs_block(r.id, len(r.tokens))]
+        while len(growing) > len(manager.free_blocks):
+            victim = running.pop()
+            if growing[-1] is victim:
+                growing.pop()
+            if args.preempt == "swap":  # before it lets go: its blocks hold its cached tokens (all but the newest)
+                swapped[victim.id] = swap_out(kv_cache, manager.blocks[victim.id])
+                stats["swapped_out_blocks"] += len(swapped[victim.id][0])
+            manager.free(victim.id)
+            waiting.appendleft(victim)
+            stats["preemptions"] += 1
+        for req in growing:
+            manager.append_block(req.id)
+        # 2. Admit waiting requests, first come first served, while their tokens fit with the one their prefill adds,
+        #    which this step's decode writes (+ 1; a swapped-out request's newest token is that one: + 0). After a
+        #    preemption the head of waiting is the request just preempted, and fewer blocks are free than it held: no
+        #    one is admitted.
+        admitted = []
+        while waiting and manager.can_allocate(len(waiting[0].tokens) + (waiting[0].id not in swapped)):
+            req = waiting.popleft()
+            req.cache_row = manager.allocate(req.id, len(req.tokens) + (req.id not in swapped))
+            admitted.append(req)
+        if not running and not admitted:
+            need = manager.blocks_for(len(waiting[0].tokens) + (waiting[0].id not in swapped))
+            fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
+                 f"{waiting[0].id}, which needs {need}")
+        stats["manager_seconds"] += time.perf_counter() - start
+
+        # 3. Prefill each admitted request whole: its prompt (after a preemption, its prompt and all it had
+        #    generated) goes through the model in one pass, filling its blocks and giving its next token. A request
+        #    swapped out gets its K and V back instead, and its next token from this step's decode.
+        for req in admitted:
+            if req.id in swapped:
+                k, v = swapped.pop(req.id)
+                swap_in(kv_cache, manager.blocks[req.id][:len(k)], (k, v))  # a block more if the newest needs one
+                stats["swapped_in_blocks"] += len(k)
+                running.append(req)
+                continue
+            if req.generated_ids:  # preempted before: all its tokens but the newest had their K and V computed once
+                stats["recomputed_tokens"] += len(req.tokens) - 1
+            table = manager.block_tables(torch.tensor([req.cache_row], device=DEVICE), manager.blocks_for(len(req.tokens)))
+            tokens = torch.tensor([req.tokens], device=DEVICE)  # all of them new: none cached yet
+            logits = forward(model, tokens, torch.zeros(1, dtype=torch.int32, device=DEVICE), kv_cache, block_table=table)
+            append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
+            running.append(req)
+
+        # 4. One decode step for every running request, in one batch.
+        batch = [r for r in running if not r.done]
+        if batch:
+            tokens, cache_seqlens, rows = batch_inputs(batch)
+            start = time.perf_counter()
+            table = manager.block_tables(rows, manager.blocks_for(max(len(r.tokens) for r in batch)))  # (batch, width)
+            stats["manager_seconds"] += time.perf_counter() - start
+            logits = forward(model, tokens, cache_seqlens, kv_cache, block_table=table)
+            for req, token in zip(batch, logits.argmax(-1).tolist()):
+                append_token(req, token, stop_ids, args.max_seq_len)
+            stats["decode_steps"] += 1
+            reserved_tokens = (manager.num_blocks - len(manager.free_blocks)) * manager.block_size
+            record_memory(stats, reserved_tokens, sum(len(r.tokens) - 1 for r in running), f"{len(running)} running, "
+                          f"{len(waiting)} waiting, {sum(r.done for r in requests)} of {len(requests)} finished, "
+                          f"{reserved_tokens // manager.block_size} of {manager.num_blocks} blocks in use")
+
+        # 5. Free: a finished request gives all its blocks back at once, for waiting requests to take.
+        start = time.perf_counter()
+        for req in running:
+            if req.done:
+                manager.free(req.id)
+        running = [r for r in running if not r.done]
+        stats["manager_seconds"] += time.perf_counter() - start
+    assert len(manager.free_blocks) == manager.num_blocks, "every block comes back once every request is done"
+    return stats | {"block_size": manager.block_size, "num_blocks": manager.num_blocks}
+
+# --- Shared by the three scripts: batch inputs and the report -----------------------------------------------------
+def batch_inputs(batch):
+    """Each request's newest token (batch, 1), its cached token count (batch,) and its cache row (batch,)."""
+    tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=DEVICE)
+    cache_seqlens = torch.tensor([len(r.tokens) - 1 for r in batch], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([r.cache_row for r in batch], dtype=torch.int32, device=DEVICE)
+    return tokens, cache_seqlens, rows
+
+
+def record_memory(stats, reserved_tokens, used_tokens, progress):  # after each decode step
+    stats["timeline"].append((reserved_tokens, used_tokens))
+    stats["peak_reserved_tokens"] = max(stats["peak_reserved_tokens"], reserved_tokens)
+    if used_tokens > stats["peak_used_tokens"]:
+        stats["peak_used_tokens"], stats["reserved_at_peak_use"] = used_tokens, reserved_tokens
+    if sys.stderr.isatty():  # one line, rewritten in place (\033[K clears the rest), to watch the batch grow and shrink
+        print(f"\rdecode step {stats['decode_steps']}: {progress}\033[K", end="", file=sys.stderr, flush=True)
+
+
+def report(stats, name):
+    gb = lambda tokens: f"{tokens * stats['kv_bytes_per_token'] / 1e9:.3g} GB"
+    wasted = stats["reserved_at_peak_use"] - stats["peak_used_tokens"]
+    lines = [
+        f"=== {name} ===",
+        f"requests:              {stats['requests']} ({stats['finished']} finished)",
+        f"generated tokens:      {stats['generated_tokens']} in {stats['wall_seconds']:.2f} s "
+        f"({stats['generated_tokens'] / stats['wall_seconds']:.1f} tokens/s, {stats['decode_steps']} decode steps)",
+        f"attention kernel:      {stats['kernel']}, {stats['dtype']}",
+        f"KV budget:             {stats['kv_budget_tokens']} tokens ({gb(stats['kv_budget_tokens'])})",
+        f"peak KV reserved:      {stats['peak_reserved_tokens']} tokens ({gb(stats['peak_reserved_tokens'])})",
+        f"peak KV holding tokens: {stats['peak_used_tokens']} tokens ({gb(stats['peak_used_tokens'])})",
+        # The original's label. Naive: what the rows reserved and never wrote; paged: the empty ends of last blocks.
+        f"Fragmented Memory: {gb(wasted)} ({100 * wasted / max(1, stats['reserved_at_peak_use']):.1f}% of the KV "
+        f"reserved when the most tokens were held)"]
+    if "block_size" in stats:  # the paged scripts
+        lines += [f"blocks:                {stats['num_blocks']} of {stats['block_size']} tokens, "
+                  f"{stats['peak_reserved_tokens'] // stats['block_size']} used at the peak",
+                  f"preemptions:           {stats['preemptions']}",
+                  f"cache manager time:    {stats['manager_seconds']:.4f} s "
+                  f"({1e6 * stats['manager_seconds'] / max(1, stats['decode_steps']):.1f} us per decode step)"]
+    if DEVICE.type == "cuda":  # the most this run held at once: weights, KV pool and a step's tensors
+        lines.append(f"peak GPU memory:       {torch.cuda.max_memory_allocated(DEVICE) / 1e9:.3g} GB of the GPU's "
+                     f"{torch.cuda.mem_get_info(DEVICE)[1] / 1e9:.3g} GB")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_kernel()
+    tokenizer = load_tokenizer(Path(args.ckpt_dir) / "tokenizer.model")
+    requests = []
+    for i, (text, ref_length) in enumerate(load_prompts(args.prompts, args.n, tokenizer)):
+        prompt_ids = encode_chat(tokenizer, text)
+        if len(prompt_ids) >= args.max_seq_len:
+            fail(f"prompt {i} has {len(prompt_ids)} tokens: no room to generate within --max-seq-len {args.max_seq_len}")
+        requests.append(Request(i, prompt_ids, max(1, ref_length) if args.ref_lengths else None, list(prompt_ids)))
+    stop_ids = {tokenizer.encode_single_token("<|eot_id|>"), tokenizer.encode_single_token("<|end_of_text|>")}
+    model = load_model(args.ckpt_dir)
+    if model["vocab_size"] < tokenizer.n_vocab:
+        fail(f"the checkpoint's vocab_size {model['vocab_size']} is smaller than the tokenizer's {tokenizer.n_vocab}")
+    model["rope_cos"], model["rope_sin"] = rope_tables(model, args.max_seq_len)
+    budget_tokens = args.kv_budget_tokens or (gpu_budget_tokens(model, args.max_seq_len, len(requests))
+                                              if DEVICE.type == "cuda" else CPU_KV_BUDGET_TOKENS)
+    try:
+        kv_cache, manager = make_kv_cache(model, budget_tokens, len(requests), args)
+        start = time.perf_counter()
+        stats = generate(model, requests, kv_cache, manager, args, stop_ids)
+    except torch.cuda.OutOfMemoryError as e:  # one line, as for bad input; any other error is a bug: its traceback
+        fail(f"the run stopped on the GPU: {str(e).splitlines()[0]}")
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # after the progress line
+    stats.update(requests=len(requests), finished=sum(r.done for r in requests), kernel=KERNEL, dtype=str(DTYPE)[6:],
+                 generated_tokens=sum(len(r.generated_ids) for r in requests), wall_seconds=time.perf_counter() - start,
+                 kv_budget_tokens=budget_tokens, kv_bytes_per_token=model["kv_bytes_per_token"])
+    timeline = {"reserved_tokens": [r for r, _ in stats["timeline"]], "used_tokens": [u for _, u in stats.pop("timeline")]}
+    texts = [tokenizer.decode(r.generated_ids[:-1] if r.tokens[-1] in stop_ids else r.generated_ids) for r in requests]
+    for req, text in zip(requests, [] if args.quiet else texts):
+        print(f"--- request {req.id}: {len(req.prompt_ids)} prompt tokens, {len(req.generated_ids)} generated ---\n{text}")
+    report(stats, Path(__file__).name)
+    if args.preempt == "swap":
+        block_bytes = stats["block_size"] * stats["kv_bytes_per_token"]  # K and V of one block, in all layers
+        out, back = stats["swapped_out_blocks"], stats["swapped_in_blocks"]
+        print(f"swapped out:           {out} blocks ({out * block_bytes} bytes) to host memory\n"
+              f"swapped in:            {back} blocks ({back * block_bytes} bytes)")
+    else:
+        print(f"recomputed:            {stats['recomputed_tokens']} tokens, prefilled again after preemptions")
+    if args.json:
+        out = [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids, "text": t} for r, t in zip(requests, texts)]
+        try:
+            Path(args.json).write_text(json.dumps({"stats": stats, "timeline": timeline, "requests": out}))
+        except OSError as e:
+            fail(f"cannot write {args.json}: {e.strerror}")
+
+
+if __name__ == "__main__":
+    main()
