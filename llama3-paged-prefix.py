@@ -46,9 +46,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.error = fail  # one line instead of argparse's usage dump
     p.add_argument("n", metavar="N", type=int, help="how many prompts to run together: the first N of --prompts")
-    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original",
-                   help="Meta's checkpoint: params.json, consolidated.00.pth, tokenizer.model (default: %(default)s); "
-                        "use_scaled_rope scales RoPE 32x if it has no output.weight (Llama 3.2 1B, 3B), else 8x")
+    p.add_argument("--ckpt-dir", default="Meta-Llama-3-8B-Instruct/original", help="Meta's checkpoint: params.json, "
+                   "consolidated.00.pth, tokenizer.model; RoPE scaled 32x without output.weight, else 8x (default: %(default)s)")
     p.add_argument("--prompts", default=str(Path(__file__).with_name("sharegpt-filtered.json")),
                    help="ShareGPT-style JSON; each entry's first human turn is a prompt (default: sharegpt-filtered.json)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="most tokens per request, prompt and answer (default 8192)")
@@ -76,8 +75,7 @@ def parse_args(argv):
 # --- Tokenizer: tiktoken with Llama 3's vocabulary, split pattern and chat format ---------------------------------
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # Llama 3 reserves 256 special ids after its 128,000 BPE tokens; these are the ones we use.
-SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
-                 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+SPECIAL_NAMES = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "<|eot_id|>"}
 
 
 def load_tokenizer(path):
@@ -144,8 +142,7 @@ def load_model(ckpt_dir):
                  "norm": weights["norm.weight"].to(DEVICE, DTYPE)}
         # Llama 3.2 1B and 3B have no output.weight: the output layer is the embedding matrix.
         model["output"] = weights["output.weight"].to(DEVICE, DTYPE) if "output.weight" in weights else model["tok_embeddings"]
-        # K and V of one token in every layer: 128 KiB for Llama-3-8B in bf16.
-        model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize
+        model["kv_bytes_per_token"] = 2 * n_layers * model["n_kv_heads"] * model["head_dim"] * DTYPE.itemsize  # 128 KiB: 8B
         return model
     except KeyError as e:
         fail(f"the checkpoint in {ckpt_dir} has no {e}")
@@ -175,17 +172,15 @@ def rms_norm(x, weight, eps):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x[2i], x[2i+1]) by its angle. x: (batch, seqlen, heads, head_dim);
-    cos, sin: (batch, seqlen, head_dim / 2). Meta's checkpoints pair adjacent dimensions."""
+    """Rotate each pair (x[2i], x[2i+1]) of x (batch, seqlen, heads, head_dim) by its angle: Meta pairs neighbours."""
     even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
 
 
 def forward(model, tokens, cache_seqlens, kv_cache, block_table=None, cache_batch_idx=None):
-    """Run new tokens (batch, seqlen) through the model, writing their K and V into kv_cache (k, v: each (n_layers,
-    ...), read through block_table or cache_batch_idx) after the cache_seqlens (batch,) tokens each request has there.
-    Returns the last position's logits (batch, vocab)."""
+    """Run new tokens (batch, seqlen) through the model, their K and V written into kv_cache (k, v: each (n_layers,
+    ...)) after the cache_seqlens (batch,) tokens each request has there. Returns the last position's logits."""
     batch, seqlen = tokens.shape
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=tokens.device)  # (batch, seqlen)
     cos, sin = model["rope_cos"][positions], model["rope_sin"][positions]
@@ -210,15 +205,16 @@ ATTENTION_CHUNK = 2**24  # elements: attention_torch gathers K and V, and comput
 def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, cache_batch_idx=None, causal=True):
     """flash_attn_with_kvcache in plain PyTorch, for the arguments these scripts pass (always causal): k, v (batch,
     seqlen, n_kv_heads, head_dim) go into the cache at positions cache_seqlens[b] + 0, 1, ..., and q (batch, seqlen,
-    n_heads, head_dim) attends, a few rows of similar length at a time: under 300 MB at Llama-3-8B's shape, output
-    included, whatever the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and
-    v_cache (num_blocks, block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
+    n_heads, head_dim) attends, a few rows of similar length at a time: under 300 MB at Llama-3-8B's shape whatever
+    the batch, up to 8192 tokens (the tests count it). The cache is a pool, k_cache and v_cache (num_blocks,
+    block_size, n_kv_heads, head_dim), read through block_table (batch, blocks_per_seq)."""
     batch, seqlen, n_heads, head_dim = q.shape
     block_size, n_kv_heads = k_cache.shape[1:3]
     positions = cache_seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (batch, seqlen)
     blocks, offsets = block_table.gather(1, positions // block_size), positions % block_size  # of each new token
     k_cache[blocks, offsets], v_cache[blocks, offsets] = k, v
-    out, lengths = torch.empty_like(q), [n + seqlen for n in cache_seqlens.tolist()]  # the call's one host read
+    out = q.new_empty(batch, seqlen, n_kv_heads, n_heads // n_kv_heads, head_dim)  # flash-attn's out, heads grouped
+    lengths = [n + seqlen for n in cache_seqlens.tolist()]  # keys per row: the call's one host read
     order = sorted(range(batch), key=lengths.__getitem__, reverse=True)  # longest first
     by_length = torch.tensor(order, device=q.device)
     # (batch, n_kv_heads, group, seqlen, head_dim), rows by length: query head h reads KV head h // group
@@ -234,17 +230,16 @@ def attention_torch(q, k_cache, v_cache, k, v, cache_seqlens, block_table=None, 
         values = v_cache.permute(2, 0, 1, 3)[heads, block_table[start:end, None, :num_blocks]].flatten(2, 3)
         attend(q[start:end], keys, values, positions[start:end], out, by_length[start:end])
         start = end
-    return out
+    return out.flatten(2, 3)
 
 
 def attend(q, keys, values, positions, out, rows):
     """Causal attention of q (rows, n_kv_heads, group, seqlen, head_dim), scaled, over keys and values (rows,
-    n_kv_heads, num_keys, head_dim), into out (batch, seqlen, n_heads, head_dim) at rows. Query i of a row sees keys
-    0..positions[row, i] (flash-attn's causal mask, aligned to the bottom right), never a slot past the row's length."""
+    n_kv_heads, num_keys, head_dim), into out (batch, seqlen, n_kv_heads, group, head_dim) at rows: query i sees keys
+    0..positions[row, i] (flash-attn's causal mask, aligned to the bottom right), no slot past the row's length."""
     num_rows, n_kv_heads, group, seqlen, head_dim = q.shape
     key_index = torch.arange(keys.shape[2], device=q.device)
     values.masked_fill_((key_index > positions[:, -1:])[:, None, :, None], 0)  # whatever they held: 0 * inf is NaN
-    out = out.view(len(out), seqlen, n_kv_heads, group, head_dim)
     queries = max(1, ATTENTION_CHUNK // (num_rows * n_kv_heads * group * len(key_index)))  # scores this many at a time
     for i in range(0, seqlen, queries):
         scores = q[:, :, :, i:i + queries].flatten(2, 3) @ keys.transpose(2, 3)  # (rows, n_kv_heads, group * queries, keys)
@@ -278,8 +273,7 @@ def check_kernel():
             (q, cache), table = allocate_kv((1, 256, 1, 64)), torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
             attention(q[:, :1], cache, cache.clone(), q[:, :1], q[:, :1], cache_seqlens=table[0], block_table=table)
     except (ImportError, RuntimeError) as e:  # built for another torch or CUDA, or without this GPU's kernels
-        fail(f"flash-attn fails {'to import' if e is attention else 'on this GPU'} ("
-             f"{f'{type(e).__name__}: {e}'.splitlines()[0]}): pip uninstall flash-attn to run with the PyTorch attention")
+        fail(f"flash-attn fails {'to import' if e is attention else 'on this GPU'} ({f'{type(e).__name__}: {e}'.splitlines()[0]}): pip uninstall flash-attn to run with the PyTorch attention")
 
 
 # --- Requests and the KV budget -----------------------------------------------------------------------------------
@@ -304,9 +298,8 @@ def append_token(req, token, stop_ids, max_seq_len):
 
 
 def gpu_budget_tokens(model, max_seq_len, batch):
-    """The GPU's free memory with the weights loaded, less the most a step needs beside the pool: for a prefill of
-    max_seq_len tokens (a preempted request recomputes all it has) or a decode of the whole batch, about 3 FFN-wide and
-    5 model-wide vectors a token; attention_torch's chunk; the batch's logits; 256 MiB for CUDA's own libraries."""
+    """Free GPU memory with the weights loaded, less the most a step needs beside the pool: 3 FFN-wide and 5 model-wide
+    vectors a token for a prefill of max_seq_len or a decode of the batch, attention_torch's chunk, logits, 256 MiB."""
     dim, hidden = model["tok_embeddings"].shape[1], model["layers"][0]["w1"].shape[0]
     step_bytes = (max(max_seq_len, batch) * (3 * hidden + 5 * dim) + batch * model["vocab_size"]) * DTYPE.itemsize
     step_bytes += 16 * ATTENTION_CHUNK + 2**28
@@ -496,7 +489,6 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
             fail(f"the KV budget of {manager.num_blocks} blocks of {manager.block_size} tokens cannot hold request "
                  f"{waiting[0].id}, which needs {manager.blocks_for(len(waiting[0].tokens) + 1)}")
         stats["manager_seconds"] += time.perf_counter() - start
-
         # 3. Prefill each admitted request whole, less the tokens of the blocks found: its prompt (after a
         #    preemption, its prompt and all it had generated) goes through the model in one pass, filling its blocks
         #    and giving its next token.
@@ -507,7 +499,6 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
                              block_table=table)
             append_token(req, logits.argmax(-1).item(), stop_ids, args.max_seq_len)
             running.append(req)
-
         # 4. One decode step for every running request, in one batch.
         batch = [r for r in running if not r.done]
         if batch:
@@ -527,7 +518,6 @@ def generate(model, requests, kv_cache, manager, args, stop_ids):
                           f"{reserved_tokens // manager.block_size} of {manager.num_blocks} blocks in use")
             stats["shared_blocks_peak"] = max(stats["shared_blocks_peak"], manager.shared_blocks)
             stats["saved_blocks_peak"] = max(stats["saved_blocks_peak"], manager.saved_blocks)
-
         # 5. Free: a finished request gives all its blocks back at once, for waiting requests to take.
         start = time.perf_counter()
         for req in running:
