@@ -188,16 +188,18 @@ def parallel_samples(lengths, tokenizer, args):
             rows.append([s, n * s, a["peak_reserved_tokens"], b["peak_reserved_tokens"],
                          f"{b['peak_reserved_tokens'] / a['peak_reserved_tokens']:.2f}",
                          gb_8b(a["peak_reserved_tokens"]), gb_8b(b["peak_reserved_tokens"]),
-                         a.get("shared_blocks_peak", "-"), a.get("cow_copies", "-"),
+                         a.get("shared_blocks_peak", "-"), a.get("saved_blocks_peak", "-"), a.get("cow_copies", "-"),
                          f"{a['wall_seconds']:.1f}", f"{b['wall_seconds']:.1f}"])
     print(f"\n== 1. Parallel samples: the first {n} prompts, --samples S --temperature {TEMPERATURE} --seed {SEED}, "
           f"vs the same {n} x S sequences as separate requests (each prompt S times in a prompts file, --samples 1); "
           f"block {args.block_size}, KV budget {budget:,} tokens, prefix sharing off in both, --ref-lengths ==")
     print_table(["S", "sequences", "peak KV shared", "peak KV separate", "separate/shared", "GB shared (8B)",
-                 "GB separate (8B)", "shared blocks peak", "CoW copies", "wall s shared", "wall s separate"], rows)
+                 "GB separate (8B)", "blocks shared", "references saved", "CoW copies", "wall s shared",
+                 "wall s separate"], rows)
     print(f"peak KV in tokens reserved (blocks x {args.block_size}); GB (8B) = those tokens at Llama-3-8B's 128 KiB "
           "per token. Preemptions: 0 in every run (checked). Every sequence has the same prompt and length in both "
-          "runs (checked). shared blocks peak and CoW copies: the --samples run's own stats, as it names them. "
+          "runs (checked). blocks shared (held by more than one sample), references saved (holds beyond the first) and "
+          "CoW copies: the --samples run's own stats, the most at once after a decode step for the first two. "
           "wall s = the generate loop.")
 
 
