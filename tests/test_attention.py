@@ -2,7 +2,7 @@
 and the memory it takes, counted as on a GPU, at Llama-3-8B's shape.
 
 Each script has the attention_torch for its own cache layout: llama3-naive.py's reads rows at cache_batch_idx,
-llama3-paged.py's reads through a block table (llama3-paged-sharing.py's is the same, tests/test_twins.py checks
+llama3-paged.py's reads through a block table (the rungs above it have the same, tests/test_twins.py checks
 it). Each only has to handle what its script passes: causal=True, and its rows or its block table.
 
 The reference below is written from flash-attn's documented semantics, one batch row and one head at a

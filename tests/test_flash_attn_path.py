@@ -14,7 +14,6 @@ import flash_attn_standin
 from load_scripts import load_script
 
 N, MAX_SEQ_LEN = 4, 300
-SCRIPTS = {"naive": "llama3-naive.py", "paged": "llama3-paged.py", "sharing": "llama3-paged-sharing.py"}
 
 
 def run(name, ckpt, tmp_path, monkeypatch, *options):
@@ -47,7 +46,9 @@ def naive_tokens(tiny_ckpt, tmp_path_factory):
         return generated(run("naive", tiny_ckpt, tmp_path_factory.mktemp("naive"), monkeypatch))
 
 
-@pytest.mark.parametrize("name", ["paged", "sharing"])
+# llama3-paged-prefix.py's and llama3-paged-beams.py's managers and generate() without their options (beams holds
+# samples' too), which are to change no token: the swap rung's differ from llama3-paged.py's only when it swaps.
+@pytest.mark.parametrize("name", ["paged", "prefix", "beams"])
 @pytest.mark.parametrize("budget", [None, 768], ids=["default budget", "3 blocks: preempts"])
 def test_paged_scripts_through_the_kernel_contract(name, budget, naive_tokens, tiny_ckpt, tmp_path, monkeypatch):
     options = ["--kv-budget-tokens", budget] if budget else []
@@ -57,27 +58,15 @@ def test_paged_scripts_through_the_kernel_contract(name, budget, naive_tokens, t
     assert generated(data) == naive_tokens
 
 
-@pytest.mark.parametrize("options", [["--samples", 2, "--temperature", 0.8, "--kv-budget-tokens", 1024],
-                                     ["--beams", 2], ["--kv-budget-tokens", 768, "--preempt", "swap"],
-                                     ["--system-prompt", "Answer briefly. " * 90, "--prefix-sharing", "--max-seq-len", 640]],
-                         ids=["samples, preempted", "beams", "swap", "prefix sharing"])
-def test_sharing_through_the_kernel_contract(options, naive_tokens, tiny_ckpt, tmp_path, monkeypatch):
-    """Forks, copy-on-write, swap and prefix blocks, each through the contract: the stand-in refuses a block written
-    by one row while another reads it, so a copy not made fails here."""
-    stats = run("sharing", tiny_ckpt, tmp_path, monkeypatch, *options)["stats"]
-    if "--samples" in options:
-        assert stats["cow_copies"] > 0 and stats["preemptions"] > 0
-    if "--preempt" in options:
-        assert stats["swapped_bytes"] > 0
-    if "--prefix-sharing" in options:
-        assert stats["prefix_hit_tokens"] >= 256 * (N - 1)
+# Forks, copy-on-write, swap and prefix blocks go through the contract in each rung's own tests: test_swap.py,
+# test_prefix.py, test_samples.py (forks preempted) and test_beams.py, the last two with run() above.
 
 
-@pytest.mark.parametrize("name", ["paged", "sharing"])
+@pytest.mark.parametrize("name", ["paged", "swap", "prefix", "samples", "beams"])  # each parse_args its own
 def test_the_block_size_check_is_flash_attns_own(name, tiny_ckpt, tmp_path, monkeypatch):
     """With flash-attn as the kernel, a block size that is not a multiple of 256 is refused in one line before any
     work, as the kernel itself would refuse it mid-run; 512 is a multiple, and runs."""
     with pytest.raises(SystemExit, match="multiple of 256, got 128"):
         run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 128)
-    if name == "paged":  # (the same check, word for word, in both)
+    if name == "paged":  # (the same check, word for word, in every rung)
         assert run(name, tiny_ckpt, tmp_path, monkeypatch, "--block-size", 512)["stats"]["block_size"] == 512

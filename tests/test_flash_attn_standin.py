@@ -21,7 +21,7 @@ BF16 = torch.bfloat16
 
 @pytest.fixture(scope="module")
 def attention_torch():
-    """The block-table fallback in llama3-paged.py (llama3-paged-sharing.py holds the same; naive's reads rows)."""
+    """The block-table fallback in llama3-paged.py (the rungs above it hold the same; naive's reads rows)."""
     return load_script("paged").attention_torch
 
 

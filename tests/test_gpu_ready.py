@@ -1,7 +1,7 @@
 """What the scripts do on a GPU, checked on the CPU with torch.cuda's calls stood in for: the choice of kernel and
 dtype, the default KV budget against what a step really allocates (counted as on a GPU by tools/memory_tally.py),
 the report's GPU line, the one-line errors a GPU run can meet, and the progress line that only a terminal sees.
-The three scripts share all of this word for word (tests/test_twins.py), so llama3-paged.py's is tested where one
+The scripts share all of this word for word (tests/test_twins.py), so llama3-paged.py's is tested where one
 script stands for all."""
 import os
 import pty
@@ -148,8 +148,11 @@ def test_out_of_gpu_memory_while_loading_the_weights_is_one_line(tiny_ckpt, monk
         paged.load_model(tiny_ckpt)
 
 
-sharing = load_script("sharing")
-MODULES = {"naive": naive, "paged": paged, "sharing": sharing}
+# main() is the same in every paged rung but for its report lines (the kernel check before the weights load, the
+# one-line OOM): llama3-paged-beams.py stands for the rungs, its generate() the one furthest from llama3-paged.py's.
+beams = load_script("beams")
+MODULES = {"naive": naive, "paged": paged, "beams": beams}
+PAGED_RUNGS = ["paged", "swap", "prefix", "samples", "beams"]
 
 
 def kernel_raising(error, after_calls=0, kernel=flash_attn_standin.flash_attn_with_kvcache):
@@ -266,9 +269,9 @@ def test_flash_attn_not_installed_is_none(monkeypatch, tmp_path):
     assert module.choose_kernel(None, (9, 0))[1] == "pytorch"
 
 
-@pytest.mark.parametrize("name", ["paged", "sharing"])
+@pytest.mark.parametrize("name", PAGED_RUNGS)  # each rung has its own parse_args, where the check is
 def test_a_block_size_is_checked_before_the_weights_load(name, tiny_ckpt, monkeypatch):
-    module, loads = MODULES[name], []
+    module, loads = load_script(name), []
     for kernel_name, kernel, size, refusal in (
             ("pytorch", module.attention_torch, 0, "--block-size must be positive, "),
             ("flash-attn", flash_attn_standin.flash_attn_with_kvcache, 128, "paged kernel a multiple of 256, got 128$")):

@@ -3,8 +3,9 @@ the network: every token each request generates must follow from its own history
 cache read went to the right slots. Tight budgets force preemption; the paged scripts must give every block back.
 
 Also here: the preemption policy (the newest request goes first), and the manager's bookkeeping checked at every
-model call against the requests' blocks: no block held twice (paged) or ref_count = number of holders (sharing),
-no block both free and held, none lost. Every write into the block table is watched as the kernel's table gets it:
+model call against the requests' blocks: no block held twice (paged, swap) or ref_count = number of holders
+(prefix, samples, beams), no block both free and held (or, with prefix sharing, indexed and held by nobody), none
+lost, and with beams no block-table row held twice or both free and held. Every write into the block table is watched as the kernel's table gets it:
 no write may name a (row, column) twice, and the tokens must not change when such a write keeps its first value.
 """
 import random
@@ -18,7 +19,9 @@ from conftest import pin_cpu_path
 from load_scripts import load_script
 from toy_model import VOCAB, check_tokens, toy_forward, toy_model
 
-naive, paged, sharing = load_script("naive"), load_script("paged"), load_script("sharing")
+naive, paged = load_script("naive"), load_script("paged")
+swap, prefix, samples, beams = (load_script(name) for name in ("swap", "prefix", "samples", "beams"))
+RUNGS = {"paged": paged, "swap": swap, "prefix": prefix, "samples": samples, "beams": beams}
 
 
 def random_workload(rng, max_seq_len, templates=None):
@@ -39,18 +42,27 @@ def make_requests(module, spec):
     return [module.Request(i, list(prompt), ref_length, list(prompt)) for i, (prompt, ref_length) in enumerate(spec)]
 
 
-def check_manager(manager, sharing_blocks):
-    """The pool is exactly the held blocks plus the free ones; with sharing, ref_count counts each block's holders."""
+def check_manager(manager):
+    """The pool is exactly the held blocks plus the free ones (and, with a prefix index, those indexed and held by
+    nobody); where blocks are shared, ref_count counts each block's holders; where rows are handed out (beams), each
+    is held once or free."""
     held = Counter(b for blocks in manager.blocks.values() for b in blocks)
-    free = list(manager.free_blocks)
+    free, unheld = list(manager.free_blocks), list(getattr(manager, "unheld", ()))
     assert len(free) == len(set(free)), "a block is free twice"
     assert not set(free) & set(held), f"blocks both free and held: {sorted(set(free) & set(held))}"
-    assert len(free) + len(held) == manager.num_blocks, "a block was lost: neither free nor held"
-    if sharing_blocks:
+    assert not set(unheld) & (set(free) | set(held)), "a block is unheld and also free or held"
+    assert len(free) + len(unheld) + len(held) == manager.num_blocks, "a block was lost: neither free nor held"
+    if hasattr(manager, "ref_count"):
         assert manager.ref_count == [held[b] for b in range(manager.num_blocks)], "ref_count is not the holders"
         assert manager.saved_blocks == sum(n - 1 for n in held.values())
+        assert manager.shared_blocks == sum(n > 1 for n in held.values())
     else:
         assert max(held.values(), default=1) == 1, "a block is held by two requests"
+    if hasattr(manager, "rows"):
+        rows, free_rows = list(manager.rows.values()), list(manager.free_rows)
+        assert manager.rows.keys() == manager.blocks.keys(), "a request holds blocks but no row, or a row but no blocks"
+        assert len(set(rows + free_rows)) == len(rows) + len(free_rows) == len(manager.block_table), \
+            "a row of the block table is held twice, both free and held, or lost"
 
 
 class BlockTableWrites(TorchDispatchMode):
@@ -84,22 +96,20 @@ def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, op
     repeats" checks that no write into the block table names a (row, column) twice; "last wins" (the CPU's way)
     and "first wins" (a GPU's, possibly) let such writes through, keeping that value."""
     args = module.parse_args(["1", "--max-seq-len", str(max_seq_len), "--block-size", str(block_size), *options])
-    if module is paged:
-        manager = paged.KVCacheManager(num_blocks, block_size, len(spec), -(-max_seq_len // block_size), "cpu")
-    else:
-        per_prompt = max(args.samples, args.beams or 1)
-        manager = sharing.KVCacheManager(num_blocks, block_size, len(spec) * per_prompt, -(-max_seq_len // block_size),
-                                         "cpu", args.prefix_sharing)
+    # As each script's make_kv_cache makes it: a row per request, per sample, or per beam a search can hold.
+    rows = len(spec) * max(getattr(args, "samples", 1), getattr(args, "beams", None) or 1)
+    manager = module.KVCacheManager(num_blocks, block_size, rows, -(-max_seq_len // block_size), "cpu",
+                                    *([args.prefix_sharing] if module is prefix else []))
 
     def checked_forward(*call, **kwargs):
-        check_manager(manager, module is sharing)
+        check_manager(manager)
         return toy_forward(*call, **kwargs)
 
     pin_cpu_path(monkeypatch, module)
     monkeypatch.setattr(module, "forward", checked_forward)
     requests = make_requests(module, spec)
-    if module is sharing:
-        requests = sharing.with_samples(requests, args.samples)
+    if hasattr(module, "with_samples"):
+        requests = module.with_samples(requests, args.samples)
     # The scripts write their block table in block_tables() only; the mode sees that write as the kernel gets it.
     watch, block_tables = BlockTableWrites(manager.block_table, writes == "first wins"), manager.block_tables
 
@@ -109,7 +119,9 @@ def run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, op
 
     manager.block_tables = watched_block_tables
     stats = module.generate(None, requests, toy_model(num_blocks, block_size), manager, args, set(stop_ids))
-    assert sorted(manager.free_blocks) == list(range(num_blocks)) and not manager.blocks
+    check_manager(manager)
+    assert sorted([*manager.free_blocks, *getattr(manager, "unheld", ())]) == list(range(num_blocks))
+    assert not manager.blocks
     assert writes != "no repeats" or not watch.repeated, \
         f"block-table writes named {len(watch.repeated)} (row, column) pairs twice, e.g. {watch.repeated[:3]}"
     return requests, stats
@@ -145,32 +157,32 @@ def test_random_workloads_do_preempt():
     assert sum(n > 0 for n in PREEMPTED.values()) >= 10, PREEMPTED
 
 
-SHARED = {}  # seed -> the sharing run's stats
+SHARED = {}  # seed -> the stats of the run of a rung that shares blocks
 
 
 def sharing_case(seed):
-    """A random workload for the sharing script: samples, beams or greedy, with swap or recompute, with or without
-    prefix sharing. Returns (kind, spec, block_size, num_blocks, max_seq_len, options)."""
+    """A random workload for a rung that shares blocks, by seed: samples (llama3-paged-samples.py), beams
+    (llama3-paged-beams.py) or prefix sharing (llama3-paged-prefix.py), on prompts that start alike. Returns
+    (kind, module, spec, block_size, num_blocks, max_seq_len, options)."""
     rng, block_size, max_seq_len, _ = random_case(seed)
     # Prompts that start alike; from two tokens only for half the seeds, so that equal blocks follow unequal ones.
     alphabet = VOCAB if seed % 4 < 2 else 2
     templates = [[rng.randrange(alphabet) for _ in range(max_seq_len)] for _ in range(3)]
     spec = random_workload(rng, max_seq_len, templates)
-    kind, width = ["samples", "beams", "greedy"][seed % 3], rng.randint(1, 3)
+    kind, width = ["samples", "beams", "prefix"][seed % 3], rng.randint(1, 3)
     need_most = -(-max_seq_len // block_size)
     num_blocks = rng.randint(need_most, 2 * need_most) * width  # room for a prompt's samples or beams, rarely all
-    options = {"samples": ["--samples", str(width), "--temperature", "1.0", "--seed", str(seed)],
-               "beams": ["--beams", str(width)], "greedy": []}[kind]
-    options += ["--preempt", rng.choice(["swap", "recompute"])] + ["--prefix-sharing"] * (seed % 2)
-    return kind, spec, block_size, num_blocks, max_seq_len, options
+    module, options = {"samples": (samples, ["--samples", str(width), "--temperature", "1.0", "--seed", str(seed)]),
+                       "beams": (beams, ["--beams", str(width)]), "prefix": (prefix, ["--prefix-sharing"])}[kind]
+    return kind, module, spec, block_size, num_blocks, max_seq_len, options
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_sharing_loop_on_random_workloads(seed, monkeypatch):
-    """Samples, beams, prefix sharing and swap, at random, under budgets that often preempt."""
-    kind, spec, block_size, num_blocks, max_seq_len, options = sharing_case(seed)
-    requests, SHARED[seed] = run_paged(sharing, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
-    TOKENS["sharing", seed] = [r.tokens for r in requests]
+def test_sharing_rungs_on_random_workloads(seed, monkeypatch):
+    """Samples, beams and prefix sharing, each in its rung, at random, under budgets that often preempt."""
+    kind, module, spec, block_size, num_blocks, max_seq_len, options = sharing_case(seed)
+    requests, SHARED[seed] = run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
+    TOKENS[kind, seed] = [r.tokens for r in requests]
     for req in requests:
         assert req.done, f"request {req.id} never finished"
         problem = check_tokens(req.prompt_ids, req.tokens, greedy=kind != "samples")
@@ -179,14 +191,14 @@ def test_sharing_loop_on_random_workloads(seed, monkeypatch):
         assert all(len(r.tokens) == min(len(r.prompt_ids) + r.ref_length, max_seq_len) for r in requests)
 
 
-def test_random_sharing_workloads_share_copy_swap_and_preempt():
-    """The random sharing runs are not vacuous: blocks were shared, copied on write, found in the prefix cache,
-    swapped, and requests preempted, in many of them."""
+def test_random_sharing_workloads_share_copy_and_preempt():
+    """The random runs of the sharing rungs are not vacuous: blocks were shared, copied on write, found in the prefix
+    cache, and requests preempted, in many of them."""
     if len(SHARED) < 60:
-        pytest.skip("needs every test_sharing_loop_on_random_workloads case to run first")
+        pytest.skip("needs every test_sharing_rungs_on_random_workloads case to run first")
     runs = Counter(k for stats in SHARED.values() for k in ("shared_blocks_peak", "cow_copies", "prefix_hit_tokens",
-                                                            "swapped_bytes", "preemptions") if stats[k])
-    assert min(runs.values()) >= 5 and runs["preemptions"] >= 20 and len(runs) == 5, runs
+                                                            "preemptions") if stats.get(k))
+    assert min(runs.values()) >= 5 and runs["preemptions"] >= 20 and len(runs) == 4, runs
 
 
 @pytest.mark.parametrize("script, seed", [("paged", s) for s in range(30)] + [("sharing", s) for s in range(60)])
@@ -195,20 +207,21 @@ def test_tokens_do_not_depend_on_which_value_a_repeated_table_entry_keeps(script
     its first value, as a GPU may, instead of its last, as the CPU does: every request's tokens must be the same."""
     if script == "paged":
         rng, block_size, max_seq_len, num_blocks = random_case(seed)
-        module, spec, options = paged, random_workload(rng, max_seq_len), []
+        kind, module, spec, options = "paged", paged, random_workload(rng, max_seq_len), []
     else:
-        module, (_, spec, block_size, num_blocks, max_seq_len, options) = sharing, sharing_case(seed)
+        kind, module, spec, block_size, num_blocks, max_seq_len, options = sharing_case(seed)
     case = (module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
-    if (script, seed) not in TOKENS:  # run alone, or the run above failed
-        TOKENS[script, seed] = [r.tokens for r in run_paged(*case, writes="last wins")[0]]
+    if (kind, seed) not in TOKENS:  # run alone, or the run above failed
+        TOKENS[kind, seed] = [r.tokens for r in run_paged(*case, writes="last wins")[0]]
     requests, _ = run_paged(*case, writes="first wins")
-    for req, last_wins in zip(requests, TOKENS[script, seed]):
+    for req, last_wins in zip(requests, TOKENS[kind, seed]):
         assert req.tokens == last_wins, f"request {req.id}'s tokens depend on which value a table write keeps"
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_three_loops_agree_on_greedy_tokens(seed, monkeypatch):
-    """naive, paged and sharing (with no sharing option, and with prefix sharing) generate the same tokens."""
+    """naive and every paged rung (with none of its options; swap and prefix also with theirs) generate the same
+    tokens."""
     rng, block_size, max_seq_len, num_blocks = random_case(seed)
     spec = random_workload(rng, max_seq_len, [[rng.randrange(VOCAB) for _ in range(max_seq_len)]])
     pin_cpu_path(monkeypatch, naive)
@@ -218,7 +231,8 @@ def test_the_three_loops_agree_on_greedy_tokens(seed, monkeypatch):
     naive.generate(None, requests, cache, naive.parse_args(["1", "--max-seq-len", str(max_seq_len)]), set())
     want = [r.tokens for r in requests]
     assert all(check_tokens(p, t) is None for (p, _), t in zip(spec, want))
-    for module, options in ((paged, []), (sharing, []), (sharing, ["--prefix-sharing"])):
+    for module, options in ((paged, []), (swap, []), (swap, ["--preempt", "swap"]), (prefix, []),
+                            (prefix, ["--prefix-sharing"]), (samples, []), (beams, [])):
         got, _ = run_paged(module, spec, block_size, num_blocks, max_seq_len, monkeypatch, options)
         assert [r.tokens for r in got] == want, f"{module.__name__} {options}"
 
@@ -252,11 +266,12 @@ def test_the_newest_request_is_preempted_first(monkeypatch):
     assert all(check_tokens(p, r.tokens) is None for (p, _), r in zip(spec, requests))
 
 
-@pytest.mark.parametrize("script, options", [("paged", []), ("sharing", []), ("sharing", ["--preempt", "swap"])])
+@pytest.mark.parametrize("script, options", [("paged", []), ("swap", ["--preempt", "swap"]), ("prefix", []),
+                                             ("samples", []), ("beams", [])])
 def test_a_preempted_request_goes_back_to_the_head_of_the_queue(script, options, monkeypatch):
     """As in the test above, plus D, which waits from the start: C, preempted, waits before D, so C is admitted
     again first, when A finishes, and D after it."""
-    module = {"paged": paged, "sharing": sharing}[script]
+    module = RUNGS[script]
     spec = [([1, 2, 3, 4, 5], 6), ([6, 7, 8, 9, 10], 7), ([11, 12, 13, 14, 15], 9), ([16, 17, 18, 19, 20], 3)]
     admitted, allocate = [], module.KVCacheManager.allocate
 

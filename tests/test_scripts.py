@@ -1,4 +1,4 @@
-"""End to end: the three scripts on a tiny random checkpoint, as a user runs them."""
+"""End to end: the scripts on a tiny random checkpoint, as a user runs them."""
 import json
 import re
 import subprocess
@@ -10,7 +10,11 @@ import torch
 from conftest import ROOT, cpu_path_only, pin_cpu_path, run_script
 from load_scripts import load_script
 
-SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py"]
+SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-swap.py", "llama3-paged-prefix.py",
+           "llama3-paged-samples.py", "llama3-paged-beams.py"]
+# Where a test reads what main() and the twin parts do (tests/test_twins.py), which are the same in every rung but
+# for the report's lines: naive, paged, and llama3-paged-beams.py, whose generate() is furthest from paged's.
+FEW = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-beams.py"]
 
 N = 6
 # --max-seq-len 384 keeps every run to a few seconds: of the first 6 prompts, 4 stop at their reference
@@ -67,13 +71,8 @@ def test_paged_matches_naive_token_for_token(naive, tiny_ckpt, tmp_path, block_s
     assert paged["stats"]["preemptions"] == 0
 
 
-@cpu_path_only
-def test_sharing_script_without_sharing_options_is_the_paged_script(tiny_ckpt, tmp_path):
-    paged, _ = run_json("llama3-paged.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", 600)
-    same, stdout = run_json("llama3-paged-sharing.py", tiny_ckpt, tmp_path, "--kv-budget-tokens", 600)
-    assert generated(same) == generated(paged) and same["timeline"] == paged["timeline"]
-    assert same["stats"]["preemptions"] == paged["stats"]["preemptions"] > 0
-    assert "shared blocks:" not in stdout  # the sharing lines show only when a run shared or swapped
+# Each rung without its options is llama3-paged.py, token for token, timeline and report: in its own tests
+# (test_swap.py, test_prefix.py, test_samples.py, test_beams.py).
 
 
 def test_naive_refuses_the_budget_the_paged_scripts_run_in(tiny_ckpt):
@@ -84,16 +83,15 @@ def test_naive_refuses_the_budget_the_paged_scripts_run_in(tiny_ckpt):
 
 
 @cpu_path_only
-@pytest.mark.parametrize("script,preempt", [("llama3-paged.py", None), ("llama3-paged-sharing.py", None),
-                                            ("llama3-paged-sharing.py", "swap")])
+@pytest.mark.parametrize("script,preempt", [("llama3-paged.py", None), ("llama3-paged-swap.py", "swap")])
 def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, tiny_ckpt, tmp_path, script, preempt):
     budget = 600  # tokens: one naive request of 384 (see above), or all six paged ones with a few preempted
-    options = ["--preempt", preempt] if preempt else []  # the sharing script's default is recompute
+    options = ["--preempt", preempt] if preempt else []  # the swap rung's default is recompute
     paged, _ = run_json(script, tiny_ckpt, tmp_path, "--kv-budget-tokens", budget, *options)
     stats = paged["stats"]
     assert stats["preemptions"] > 0, "the budget is meant to force preemption"
     # Swapped out, a request's K and V go to host memory and come back; recomputed, nothing is swapped.
-    assert stats.get("swapped_bytes", 0) > 0 if preempt == "swap" else not stats.get("swapped_bytes")
+    assert stats.get("swapped_in_blocks", 0) > 0 if preempt == "swap" else "swapped_in_blocks" not in stats
     assert stats["finished"] == N and stats["peak_reserved_tokens"] <= budget
     assert generated(paged) == generated(naive[0])
 
@@ -101,7 +99,7 @@ def test_paged_fits_where_naive_does_not_and_preemption_changes_nothing(naive, t
 def test_stop_at_max_seq_len_without_reference_lengths(tiny_ckpt, tmp_path):
     args = ["--max-seq-len", 120, "--quiet"]
     runs = []
-    for script in SCRIPTS:
+    for script in FEW:
         out = tmp_path / f"{script}.json"
         result = run_script(script, 3, "--ckpt-dir", tiny_ckpt, "--json", out, *args)
         assert result.returncode == 0, result.stderr
@@ -190,25 +188,22 @@ PAGED_ONLY = {
     "budget below one request": (lambda d, c: ["1", "--kv-budget-tokens", "40", "--ref-lengths"],
                                  "cannot hold request 0"),
 }
-SHARING_ONLY = {
-    "samples zero": (lambda d, c: ["1", "--samples", "0"], "--samples and --beams must be positive, got 0 and None"),
-    "beams zero": (lambda d, c: ["1", "--beams", "0"], "--samples and --beams must be positive, got 1 and 0"),
-    "temperature negative": (lambda d, c: ["1", "--temperature", "-1"], "--temperature must be a number >= 0"),
-    "temperature nan": (lambda d, c: ["1", "--temperature", "nan"], "--temperature must be a number >= 0"),
-    "beams with samples": (lambda d, c: ["1", "--beams", "2", "--samples", "2"], "without --samples and --temperature"),
-    "beams with temperature": (lambda d, c: ["1", "--beams", "2", "--temperature", "0.5"], "without --samples"),
-    "preempt unknown": (lambda d, c: ["1", "--preempt", "drop"], "argument --preempt: invalid choice: 'drop'"),
-    "samples not a number": (lambda d, c: ["1", "--samples", "many"], "argument --samples: invalid int value"),
-    "more samples than blocks": (lambda d, c: ["1", "--kv-budget-tokens", "160", "--samples", "11", "--temperature",
-                                               "1"], "11 samples or beams of a prompt need at least as many KV blocks"),
-    "more beams than blocks": (lambda d, c: ["1", "--kv-budget-tokens", "160", "--beams", "11"],
-                               "but the budget holds 10 blocks of 16 tokens"),
-}
-# A sharing option given to llama3-paged.py is an unknown option there, in one line.
-PAGED_ONLY.update({f"sharing option {option}": (lambda d, c, option=option: ["1", option, *value],
-                                                f"unrecognized arguments: {option}")
-                   for option, value in (("--samples", ["2"]), ("--beams", ["2"]), ("--prefix-sharing", []),
-                                         ("--preempt=swap", []))})
+# Each rung's own options' bad values are in its tests (test_swap.py, test_samples.py, test_beams.py); here, an
+# option of another rung is an unknown option, in one line.
+OPTIONS = {"llama3-paged-swap.py": [("--preempt=swap", [])], "llama3-paged-prefix.py": [("--prefix-sharing", []),
+           ("--system-prompt", ["Be brief."])], "llama3-paged-samples.py": [("--samples", ["2"]), ("--seed", ["1"])],
+           "llama3-paged-beams.py": [("--beams", ["2"])]}
+OPTIONS["llama3-paged-beams.py"] += OPTIONS["llama3-paged-samples.py"]  # the beams rung is the samples rung's child
+RUNG_ONLY = {script: {f"option {option} of another rung": (lambda d, c, option=option, value=value: ["1", option, *value],
+                                                           f"unrecognized arguments: {option}")
+                      for other, options in OPTIONS.items() if other != script
+                      for option, value in options if (option, value) not in OPTIONS.get(script, [])}
+             for script in ["llama3-paged.py", *OPTIONS]}
+# A beam search needs all its beams at once: more than the blocks is refused in one line. (More samples than blocks
+# take turns, and finish: test_more_samples_than_blocks_take_turns, below.)
+RUNG_ONLY["llama3-paged-beams.py"]["more beams than blocks"] = (
+    lambda d, c: ["1", "--kv-budget-tokens", "160", "--beams", "11"],
+    "the KV budget of 10 blocks of 16 tokens cannot hold request 0, searching with 11 beams")
 NAIVE_ONLY = {
     "budget below one request": (lambda d, c: ["1", "--kv-budget-tokens", "4000"],
                                  "needs 1 x 8192 = 8192 tokens"),
@@ -231,10 +226,9 @@ def copy_ckpt(src, dest, weights=None, params=None, drop=None):
     return dest
 
 
-CASES = [(s, name, *case) for s in SCRIPTS for name, case in BAD_INPUTS.items()]
-CASES += [(s, name, *case) for s in SCRIPTS[1:] for name, case in PAGED_ONLY.items() if "sharing option" not in name]
-CASES += [("llama3-paged.py", name, *case) for name, case in PAGED_ONLY.items() if "sharing option" in name]
-CASES += [("llama3-paged-sharing.py", name, *case) for name, case in SHARING_ONLY.items()]
+CASES = [(s, name, *case) for s in FEW for name, case in BAD_INPUTS.items()]
+CASES += [(s, name, *case) for s in SCRIPTS[1:] for name, case in PAGED_ONLY.items()]  # each parse_args and loop
+CASES += [(s, name, *case) for s, cases in RUNG_ONLY.items() for name, case in cases.items()]
 CASES += [("llama3-naive.py", name, *case) for name, case in NAIVE_ONLY.items()]
 
 
@@ -246,7 +240,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_ckpt, tmp_path, monkeypat
     args = [str(a) for a in make_args(tmp_path, tiny_ckpt)]
     if "--ckpt-dir" not in args:
         args += ["--ckpt-dir", str(tiny_ckpt)]
-    module = load_script({"llama3-naive.py": "naive", "llama3-paged.py": "paged"}.get(script, "sharing"))
+    module = load_script(script.removeprefix("llama3-").removeprefix("paged-").removesuffix(".py"))
     pin_cpu_path(monkeypatch, module)
     with pytest.raises(SystemExit) as exit:
         module.main(args)
@@ -255,7 +249,25 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_ckpt, tmp_path, monkeypat
     assert line.startswith(f"{script}: error: ") and message in line, line
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+def test_more_samples_than_blocks_take_turns(tiny_ckpt, tmp_path, monkeypatch):
+    """11 samples of the first prompt (44 tokens, 52 with 8 generated: 4 blocks of 16 each) in a budget of 10 blocks
+    is no bad input for the samples rung: the samples run in turns, the newest preempted and recomputed, all finish,
+    and each draws what it draws with room for all of them at once."""
+    samples = load_script("samples")
+    pin_cpu_path(monkeypatch, samples)
+    runs = []
+    for budget in (160, 11 * 4 * 16):
+        out = tmp_path / f"{budget}.json"
+        samples.main(["1", "--ckpt-dir", str(tiny_ckpt), "--ref-lengths", "--quiet", "--max-seq-len", "52", "--samples",
+                      "11", "--temperature", "1", "--kv-budget-tokens", str(budget), "--json", str(out)])
+        runs.append(json.loads(out.read_text()))
+    turns, room = runs
+    assert turns["stats"]["num_blocks"] == 10 and turns["stats"]["preemptions"] > 0 == room["stats"]["preemptions"]
+    assert turns["stats"]["finished"] == turns["stats"]["requests"] == 11
+    assert generated(turns) == generated(room) and len({tuple(g) for g in generated(turns)}) == 11
+
+
+@pytest.mark.parametrize("script", FEW)
 def test_bad_input_as_a_user_sees_it(tiny_ckpt, script):
     result = run_script(script, 1, "--ckpt-dir", tiny_ckpt, "--max-seq-len", 1)
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-sharing.py", "llama3-paged-swap.py",
-           "llama3-paged-prefix.py", "llama3-paged-samples.py", "llama3-paged-beams.py"]
+SCRIPTS = ["llama3-naive.py", "llama3-paged.py", "llama3-paged-swap.py", "llama3-paged-prefix.py",
+           "llama3-paged-samples.py", "llama3-paged-beams.py"]
 # Top-level definitions identical in all the scripts.
 SHARED = ["DEVICE", "CPU_KV_BUDGET_TOKENS", "fail", "SPLIT_PATTERN", "SPECIAL_NAMES", "load_tokenizer", "encode_chat",
           "load_prompts", "load_model", "rope_tables", "rms_norm", "apply_rope", "forward", "ATTENTION_CHUNK", "attend",
@@ -51,8 +51,8 @@ def test_the_paged_scripts_read_the_block_table_alike():
 
 
 def test_request_is_identical_in_naive_and_paged():
-    """(The sharing script's and llama3-paged-beams.py's requests also carry a beam's score and root.) The swap,
-    prefix and samples rungs need no more."""
+    """(llama3-paged-beams.py's requests also carry a beam's score and root.) The swap, prefix and samples rungs
+    need no more."""
     for script in (SCRIPTS[1], "llama3-paged-swap.py", "llama3-paged-prefix.py", "llama3-paged-samples.py"):
         assert definitions(SCRIPTS[0])["Request"] == definitions(script)["Request"], script
 

@@ -36,7 +36,7 @@ def stand_in_forward(module, forward):
 
 def replay(lengths, budget_tokens, block_size, max_seq_len=DEFAULT_MAX_SEQ_LEN, script="paged", on_decode=None,
            replace_manager=None, stop_at_preemption=False):
-    """Run a paged script's generate() ('paged' or 'sharing', no options) on requests of lengths [(p, g)]: p
+    """Run a paged script's generate() ('paged' or a rung above it, no options) on requests of lengths [(p, g)]: p
     prompt tokens, g tokens to generate, as with --ref-lengths.
 
     on_decode(step, manager, block_table, cache_seqlens), if given, is called at every decode step (1, 2, ...)

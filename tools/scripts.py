@@ -1,9 +1,9 @@
-"""The three scripts, from a tool: import one as a module (its main() does not run), call its functions with
+"""The scripts, from a tool: import one as a module (its main() does not run), call its functions with
 its errors turned into the tool's one-line error, run it as a user would (a subprocess), and read the shipped
 prompts' real Llama 3 lengths with its own tokenizer and chat format.
 
     from scripts import load_script
-    paged = load_script("paged")          # "naive", "paged" or "sharing"
+    paged = load_script("paged")  # "naive", "paged", "swap", "prefix", "samples" or "beams"
 """
 import importlib.resources
 import importlib.util
@@ -19,8 +19,7 @@ from pathlib import Path
 from cli import fail
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"naive": ROOT / "llama3-naive.py", "paged": ROOT / "llama3-paged.py",
-           "sharing": ROOT / "llama3-paged-sharing.py"}
+SCRIPTS = {"naive": ROOT / "llama3-naive.py", "paged": ROOT / "llama3-paged.py"}
 # The rungs above llama3-paged.py, by the lesson each adds: llama3-paged-swap.py, ...
 SCRIPTS |= {name: ROOT / f"llama3-paged-{name}.py" for name in ("swap", "prefix", "samples", "beams")}
 DEFAULT_PROMPTS = ROOT / "sharegpt-filtered.json"
@@ -31,8 +30,8 @@ LLAMA3_8B_KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2
 
 
 def load_script(name):
-    """llama3-naive.py, llama3-paged.py or llama3-paged-sharing.py as a module ('naive', 'paged' or 'sharing'),
-    executed once per process and kept in sys.modules as llama3_naive, llama3_paged, llama3_paged_sharing."""
+    """A script as a module, by its name in SCRIPTS ('naive', 'paged', 'swap', 'prefix', 'samples', 'beams'),
+    executed once per process and kept in sys.modules under its file name: llama3_naive, llama3_paged_swap, ..."""
     if name not in SCRIPTS:
         raise ValueError(f"unknown script {name!r}: expected one of {', '.join(SCRIPTS)}")
     path = SCRIPTS[name]
@@ -115,7 +114,7 @@ def require_checkpoint(ckpt_dir):
 
 
 def run_script(name, n, ckpt_dir, budget_tokens, max_seq_len, threads, prompts=None, block_size=None, extra=()):
-    """One real run of a script ('naive', 'paged' or 'sharing') on N prompts with --ref-lengths --quiet --json,
+    """One real run of a script (a name in SCRIPTS) on N prompts with --ref-lengths --quiet --json,
     torch limited to `threads` threads, and any `extra` arguments. Returns {rc, stderr (its last line),
     stderr_lines, json (None when it failed), seconds (the whole process)}."""
     with tempfile.TemporaryDirectory() as tmp:
